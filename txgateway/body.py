@@ -1,0 +1,45 @@
+"""Bodies held in memory: small answers the gateway writes itself."""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+
+from txgateway.interfaces import IBody, IBodySink
+
+
+@implementer(IBody)
+class BytesBody:
+    """A body whose bytes are all known up front (error pages, tests, demo)."""
+
+    __slots__ = ("data", "length", "_sink", "_paused", "_stopped")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length: int | None = len(data)
+        self._sink: IBodySink | None = None
+        self._paused = False
+        self._stopped = False
+
+    def deliverTo(self, sink: IBodySink) -> None:
+        self._sink = sink
+        if not self._paused:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        sink, self._sink = self._sink, None
+        if sink is None or self._stopped:
+            return
+        if self.data:
+            sink.write(self.data)
+        sink.finish()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._deliver()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self._sink = None
