@@ -1,0 +1,60 @@
+"""The admin listener: liveness, readiness (and later metrics and the admin API).
+
+Served by twisted.web on its own port: it is not on the proxy hot path, and
+it must keep answering when the proxy listener is saturated.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+
+def _json(request: Request, status: int, payload: dict[str, object]) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(payload).encode("utf-8")
+
+
+class Health(Resource):
+    """Liveness: 200 while the process serves requests at all."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, 200, {"status": "ok"})
+
+    render_HEAD = render_GET
+
+
+class Ready(Resource):
+    """Readiness: 200 only with a loaded config and listening proxies."""
+
+    isLeaf = True
+
+    def __init__(self, readiness: Callable[[], str | None]) -> None:
+        super().__init__()
+        self._readiness = readiness
+
+    def render_GET(self, request: Request) -> bytes:
+        reason = self._readiness()
+        if reason is None:
+            return _json(request, 200, {"status": "ready"})
+        return _json(request, 503, {"status": "not_ready", "reason": reason})
+
+    render_HEAD = render_GET
+
+
+def admin_site(readiness: Callable[[], str | None]) -> Site:
+    """``readiness()`` returns None when ready, else why not."""
+    root = Resource()
+    root.putChild(b"health", Health())
+    root.putChild(b"ready", Ready(readiness))
+    site = Site(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

@@ -1,0 +1,100 @@
+"""One generation of the running gateway: router, upstreams and route chains.
+
+Everything here is built once from a validated :class:`GatewayConfig`; a
+config reload builds a new ``Gateway`` and the protocols pick up the new one
+for new requests while in-flight requests finish on the one they started on.
+``handle`` is the protocol-neutral entry every wire protocol calls.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txgateway.config.model import GatewayConfig, UpstreamConfig
+from txgateway.errors import GatewayError, PayloadTooLarge
+from txgateway.interfaces import IUpstreamClient
+from txgateway.messages import Response
+from txgateway.pipeline.context import RequestContext
+from txgateway.pipeline.forward import Forwarder
+from txgateway.pipeline.forwarded import trust_check
+from txgateway.pipeline.pipeline import Handler, Middleware, assemble
+from txgateway.pipeline.request_id import RequestIds
+from txgateway.routing import Router
+from txgateway.upstream.upstream import Upstream
+
+
+class Gateway:
+    log = Logger()
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        client_for: Callable[[UpstreamConfig], IUpstreamClient],
+        request_ids: RequestIds | None = None,
+    ) -> None:
+        """``client_for(upstream)`` gives the client (and its pool) for an upstream."""
+        self.config = config
+        self.request_ids = request_ids or RequestIds()
+        self.router = Router(config.routes)
+        self.upstreams: Mapping[str, Upstream] = {
+            name: Upstream(upstream, client_for(upstream))
+            for name, upstream in config.upstreams.items()
+        }
+        is_trusted = trust_check(config.server.trusted_proxies)
+        default_limit = config.server.limits.max_body_bytes
+        #: Per route name: its assembled chain and its request body limit.
+        self._routes: dict[str, tuple[Handler, int]] = {}
+        for route in config.routes:
+            terminal = Forwarder(route, self.upstreams[route.upstream], is_trusted)
+            limit = route.max_body_bytes if route.max_body_bytes is not None else default_limit
+            self._routes[route.name] = (assemble(self._middlewares_for(route), terminal), limit)
+
+    def _middlewares_for(self, route: object) -> list[Middleware]:
+        """The fixed-order middleware list of a route (filled in by the pipeline work)."""
+        return []
+
+    def handle(self, ctx: RequestContext) -> "Deferred[Response]":
+        """Route and run the chain; fails only with a GatewayError.
+
+        Unexpected exceptions are logged with their traceback and become a 500
+        without details, so no client ever sees a traceback.
+        """
+        ctx.request_id = self.request_ids.for_request(ctx.header(b"x-request-id"))
+        try:
+            match = self.router.match(ctx.method.decode("latin-1"), ctx.host, ctx.path, ctx.headers)
+            ctx.route = match.route
+            ctx.params = match.params
+            ctx.upstream_path = match.upstream_path
+            chain, limit = self._routes[match.route.name]
+            body = ctx.body
+            if body is not None:
+                if body.length is not None and body.length > limit:
+                    raise PayloadTooLarge(f"request body of {body.length} bytes exceeds {limit}")
+                body.max_bytes = limit
+            d = chain(ctx)
+        except GatewayError as error:
+            return fail(error)
+        except Exception:
+            return fail(self._internal(Failure(), ctx))
+        return d.addErrback(self._unexpected, ctx)
+
+    def _unexpected(self, failure: Failure, ctx: RequestContext) -> Failure:
+        if failure.check(GatewayError):
+            return failure
+        return Failure(self._internal(failure, ctx))
+
+    def _internal(self, failure: Failure, ctx: RequestContext) -> GatewayError:
+        if failure.check(CancelledError):
+            return GatewayError("request cancelled")
+        self.log.failure(
+            "internal error on request {request_id} {method} {path}",
+            failure,
+            request_id=ctx.request_id,
+            method=ctx.method,
+            path=ctx.path,
+        )
+        return GatewayError()

@@ -1,0 +1,95 @@
+"""The request context: what every protocol edge turns its wire traffic into.
+
+One ``RequestContext`` per request, created by the protocol (HTTP/1.1 now,
+HTTP/2 and WebSocket later) and carried through the pipeline to the upstream
+call and the access log.  It holds the request as the gateway sees it and what
+the pipeline learns along the way (route, params, identity).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from txgateway.interfaces import IBody
+
+if TYPE_CHECKING:
+    from txgateway.config.model import RouteConfig
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class RequestContext:
+    __slots__ = (
+        "request_id",
+        "method",
+        "path",
+        "query",
+        "headers",
+        "version",
+        "scheme",
+        "host",
+        "client_ip",
+        "client_port",
+        "protocol",
+        "body",
+        "route",
+        "params",
+        "upstream_path",
+        "identity",
+        "started",
+        "upstream_address",
+        "notes",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        path: str,
+        query: bytes,
+        headers: Headers,
+        *,
+        client_ip: str,
+        client_port: int = 0,
+        version: tuple[int, int] = (1, 1),
+        scheme: bytes = b"http",
+        host: str | None = None,
+        protocol: str = "http/1.1",
+        body: IBody | None = None,
+        request_id: str = "",
+        started: float = 0.0,
+    ) -> None:
+        self.method = method
+        #: Raw (percent-encoded) path, without the query.
+        self.path = path
+        #: Raw query string without the '?', b"" when absent.
+        self.query = query
+        #: Lower-case names, wire order, repeats kept.
+        self.headers = headers
+        self.version = version
+        self.scheme = scheme
+        #: Host header (or :authority) as sent, None when absent.
+        self.host = host
+        self.client_ip = client_ip
+        self.client_port = client_port
+        #: "http/1.1", "h2", "websocket": for logs and metrics.
+        self.protocol = protocol
+        self.body = body
+        self.request_id = request_id
+        self.started = started
+        self.route: RouteConfig | None = None
+        self.params: dict[str, str] = {}
+        #: Path the upstream gets (after strip_prefix / rewrite), without query.
+        self.upstream_path = path
+        #: The authenticated consumer, set by the auth middleware.
+        self.identity: Any = None
+        #: "host:port" of the instance that served the request.
+        self.upstream_address: str | None = None
+        #: Free-form facts middlewares record for the access log.
+        self.notes: dict[str, object] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of a lower-case header name, or None."""
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return None

@@ -1,0 +1,631 @@
+"""The downstream HTTP/1.1 protocol: bytes in, pipeline, bytes out.
+
+Our own Twisted protocol on httptools (llhttp) rather than twisted.web's
+Site: Site spools whole request bodies before ``render`` and costs about a
+third of the throughput budget (ARCHITECTURE.md, README "Architecture").
+
+What it promises:
+- request and response bodies stream with backpressure in both directions
+  (see ``txgateway.interfaces``); memory per connection stays bounded;
+- pipelined requests are answered in order, one at a time, and reading is
+  paused while a request waits, so a pipelining client cannot queue unbounded
+  work;
+- ``Expect: 100-continue`` is answered only when the upstream actually asks
+  for the body, so a request the pipeline refuses never uploads it;
+- slowloris (``header_timeout``), idle keep-alive (``idle_timeout``), head
+  size (``max_header_bytes``, 431) and body size (413) limits;
+- every failure becomes a JSON error or, once a response has started, an
+  aborted connection: never a traceback, never a hung socket.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Callable
+
+import httptools
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txgateway.body import BytesBody
+from txgateway.config.model import Limits
+from txgateway.errors import (
+    BadRequest,
+    GatewayError,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    RequestTimeout,
+    render_json,
+)
+from txgateway.http11 import (
+    CONTINUE_100,
+    LAST_CHUNK,
+    body_forbidden,
+    chunk,
+    encode_headers,
+    status_line,
+)
+from txgateway.interfaces import IBody, IBodySink
+from txgateway.messages import Response
+from txgateway.pipeline.context import RequestContext
+
+if TYPE_CHECKING:
+    from txgateway.gateway import Gateway
+
+Headers = list[tuple[bytes, bytes]]
+
+#: Request body bytes held while nobody consumes them yet, before reading pauses.
+_BODY_BUFFER_HIGH = 64 * 1024
+
+
+@implementer(IBody)
+class RequestBody:
+    """The body of a downstream request, streamed to whoever consumes it."""
+
+    __slots__ = (
+        "length",
+        "max_bytes",
+        "received",
+        "done",
+        "_channel",
+        "_sink",
+        "_buffer",
+        "_buffered",
+        "_error",
+        "_expect_continue",
+    )
+
+    def __init__(self, channel: HTTP11ServerProtocol, length: int | None, expect_continue: bool) -> None:
+        self.length = length
+        #: Set from the route's max_body_bytes once routed; enforced as bytes arrive.
+        self.max_bytes: int | None = None
+        self.received = 0
+        self.done = False
+        self._channel: HTTP11ServerProtocol | None = channel
+        self._sink: IBodySink | None = None
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._error: Failure | None = None
+        self._expect_continue = expect_continue
+
+    # From the connection.
+
+    def _data(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.max_bytes is not None and self.received > self.max_bytes:
+            self._failed(Failure(PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes")))
+            return
+        if self._sink is not None:
+            self._sink.write(data)
+        elif self._error is None:
+            self._buffer.append(data)
+            self._buffered += len(data)
+            if self._buffered > _BODY_BUFFER_HIGH and self._channel is not None:
+                self._channel.pause_reading("body")
+
+    def _end(self) -> None:
+        self.done = True
+        if self._sink is not None:
+            sink, self._sink = self._sink, None
+            sink.finish()
+
+    def _failed(self, reason: Failure) -> None:
+        if self._error is not None or self.done:
+            return
+        self._error = reason
+        self._buffer = []
+        if self._sink is not None:
+            sink, self._sink = self._sink, None
+            sink.abort(reason)
+        if self._channel is not None:
+            self._channel.body_failed(self, reason)
+
+    # IBody, for the consumer (the upstream client).
+
+    def deliverTo(self, sink: IBodySink) -> None:
+        if self._error is not None:
+            sink.abort(self._error)
+            return
+        if self._expect_continue and self.received == 0 and not self.done and self._channel is not None:
+            self._channel.write_continue()
+        self._expect_continue = False
+        buffered, self._buffer = self._buffer, []
+        self._buffered = 0
+        for data in buffered:
+            sink.write(data)
+        if self.done:
+            sink.finish()
+        else:
+            self._sink = sink
+            if self._channel is not None:
+                self._channel.resume_reading("body")
+
+    def pauseProducing(self) -> None:
+        if self._channel is not None:
+            self._channel.pause_reading("body")
+
+    def resumeProducing(self) -> None:
+        if self._channel is not None:
+            self._channel.resume_reading("body")
+
+    def stopProducing(self) -> None:
+        """The consumer gives up on the body: the connection cannot be reused."""
+        self._sink = None
+        self._buffer = []
+        if self._channel is not None:
+            self._channel.body_abandoned(self)
+
+
+@implementer(IBodySink)
+class _DiscardSink:
+    """Consumes a body nobody wants (HEAD, 204 and 304 responses)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def abort(self, reason: object) -> None:
+        pass
+
+
+_DISCARD = _DiscardSink()
+
+
+@implementer(IBodySink)
+class _ResponseWriter:
+    """Streams one response body to the client connection."""
+
+    __slots__ = ("_channel", "_exchange", "_chunked")
+
+    def __init__(self, channel: HTTP11ServerProtocol, exchange: _Exchange, chunked: bool) -> None:
+        self._channel = channel
+        self._exchange = exchange
+        self._chunked = chunked
+
+    def write(self, data: bytes) -> None:
+        if data and self._channel.transport is not None:
+            self._channel.transport.write(chunk(data) if self._chunked else data)
+
+    def finish(self) -> None:
+        channel = self._channel
+        if self._chunked and channel.transport is not None:
+            channel.transport.write(LAST_CHUNK)
+        channel.response_finished(self._exchange)
+
+    def abort(self, reason: object) -> None:
+        self._channel.response_aborted(self._exchange, reason)
+
+
+class _Exchange:
+    """One request/response on the connection."""
+
+    __slots__ = ("ctx", "body", "keep_alive", "deferred", "responded", "response_body", "finished")
+
+    def __init__(self, ctx: RequestContext, body: RequestBody | None, keep_alive: bool) -> None:
+        self.ctx = ctx
+        self.body = body
+        self.keep_alive = keep_alive
+        self.deferred: Deferred[Response] | None = None
+        self.responded = False
+        self.response_body: IBody | None = None
+        self.finished = False
+
+
+class HTTP11ServerProtocol(Protocol):
+    log = Logger()
+
+    def __init__(self, factory: HTTP11ServerFactory) -> None:
+        self.factory = factory
+        self.limits: Limits = factory.limits()
+        self._clock = factory.clock
+        self._parser = httptools.HttpRequestParser(self)
+        self._client_ip = ""
+        self._client_port = 0
+        self._current: _Exchange | None = None
+        self._queue: deque[_Exchange] = deque()
+        self._incoming: _Exchange | None = None  # the exchange whose request is being parsed
+        self._url: bytes = b""
+        self._headers: Headers = []
+        self._head_bytes = 0
+        self._in_head = False
+        self._pause_reasons: set[str] = set()
+        self._timer: IDelayedCall | None = None
+        self._closing = False
+        self._lost = False
+        self._pending_error: GatewayError | None = None
+
+    # Connection lifecycle.
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self._client_ip = getattr(peer, "host", "") or ""
+        self._client_port = getattr(peer, "port", 0) or 0
+        self._set_timer(self.limits.header_timeout, self._idle_expired)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._lost = True
+        self._cancel_timer()
+        self.factory.connection_closed()
+        gone = Failure(CancelledError("client went away"))
+        exchanges = [self._current, *self._queue]
+        if self._incoming is not None and self._incoming not in exchanges:
+            exchanges.append(self._incoming)
+        self._queue.clear()
+        self._current = self._incoming = None
+        for exchange in exchanges:
+            if exchange is None:
+                continue
+            if exchange.body is not None and not exchange.body.done:
+                exchange.body._channel = None
+                exchange.body._failed(gone)
+            if exchange.response_body is not None and not exchange.finished:
+                exchange.response_body.stopProducing()
+            elif exchange.deferred is not None and not exchange.responded:
+                exchange.responded = True
+                exchange.deferred.cancel()
+
+    # Reading.
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # An Upgrade this route does not take (WebSocket routes come with
+            # the WebSocket work): the request was served as plain HTTP, go on
+            # parsing what follows as HTTP.
+            rest = data[upgrade.args[0] :] if upgrade.args else b""
+            if rest:
+                self.dataReceived(rest)
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, GatewayError):
+                self._reject(cause)
+            else:
+                self.log.failure("error handling request data", Failure(cause or error))
+                self._reject(GatewayError())
+        except httptools.HttpParserError as error:
+            self._reject(BadRequest(f"malformed request: {error.args[0] if error.args else 'parse error'}"))
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._in_head = True
+        self._set_timer(self.limits.header_timeout, self._head_expired)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+        self._count_head(len(name) + len(value) + 4)
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise HeadersTooLarge(f"request head exceeds {self.limits.max_header_bytes} bytes")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_timer()
+        parser = self._parser
+        method = parser.get_method()
+        version = (1, 1) if parser.get_http_version() == "1.1" else (1, 0)
+        headers = self._headers
+        url = self._url
+        host: str | None = None
+        content_length: int | None = None
+        chunked = False
+        expect_continue = False
+        for name, value in headers:
+            if name == b"host":
+                host = value.decode("latin-1")
+            elif name == b"content-length":
+                content_length = int(value)  # llhttp validated it
+            elif name == b"transfer-encoding":
+                chunked = chunked or b"chunked" in value.lower()
+            elif name == b"expect":
+                expect_continue = value.lower() == b"100-continue"
+        if url[:1] == b"/":
+            path, sep, query = url.partition(b"?")
+        else:
+            path, query, host = self._absolute_form(url, host)
+        body: RequestBody | None = None
+        if chunked:
+            body = RequestBody(self, None, expect_continue)
+        elif content_length:
+            body = RequestBody(self, content_length, expect_continue)
+        ctx = RequestContext(
+            method,
+            path.decode("latin-1"),
+            query,
+            headers,
+            client_ip=self._client_ip,
+            client_port=self._client_port,
+            version=version,
+            scheme=self.factory.scheme,
+            host=host,
+            body=body,
+            started=self._clock.seconds(),
+        )
+        exchange = _Exchange(ctx, body, parser.should_keep_alive())
+        self._incoming = exchange if body is not None else None
+        if self._current is None:
+            self._dispatch(exchange)
+        else:
+            self._queue.append(exchange)
+            self.pause_reading("pipeline")
+
+    def _absolute_form(self, url: bytes, host: str | None) -> tuple[bytes, bytes, str | None]:
+        """``http://host/path?q`` (RFC 9112 3.2.2): the URL's host wins over Host."""
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            raise BadRequest("invalid request target") from None
+        if not parsed.host:
+            raise BadRequest("invalid request target")
+        authority = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+        return parsed.path or b"/", parsed.query or b"", authority.decode("latin-1")
+
+    def on_body(self, data: bytes) -> None:
+        exchange = self._incoming
+        if exchange is not None and exchange.body is not None:
+            exchange.body._data(data)
+
+    def on_message_complete(self) -> None:
+        exchange, self._incoming = self._incoming, None
+        if exchange is not None and exchange.body is not None:
+            exchange.body._end()
+
+    # Flow control of reading.
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._pause_reasons and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._pause_reasons.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self._pause_reasons:
+            self._pause_reasons.discard(reason)
+            if not self._pause_reasons and self.transport is not None and not self._lost:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def write_continue(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.write(CONTINUE_100)
+
+    # Running the pipeline.
+
+    def _dispatch(self, exchange: _Exchange) -> None:
+        self._current = exchange
+        try:
+            d = self.factory.gateway().handle(exchange.ctx)
+        except Exception:
+            self.log.failure("gateway.handle raised")
+            self._respond_error(exchange, GatewayError())
+            return
+        exchange.deferred = d
+        d.addCallbacks(self._respond, self._failed, callbackArgs=(exchange,), errbackArgs=(exchange,))
+
+    def _failed(self, failure: Failure, exchange: _Exchange) -> None:
+        if exchange.responded or self._lost:
+            return
+        error = failure.value
+        if not isinstance(error, GatewayError):
+            if not failure.check(CancelledError):
+                self.log.failure("unexpected pipeline failure", failure)
+            error = GatewayError()
+        self._respond_error(exchange, error)
+
+    def _respond_error(self, exchange: _Exchange, error: GatewayError) -> None:
+        status, headers, payload = render_json(error, exchange.ctx.request_id or None)
+        if exchange.ctx.request_id:
+            headers.append((b"x-request-id", exchange.ctx.request_id.encode("ascii")))
+        self._respond(Response(status, headers, BytesBody(payload)), exchange)
+
+    def _respond(self, response: Response, exchange: _Exchange) -> None:
+        if exchange.responded or self._lost or self.transport is None:
+            if response.body is not None:
+                response.body.stopProducing()
+            return
+        exchange.responded = True
+        ctx = exchange.ctx
+        body = response.body
+        keep_alive = exchange.keep_alive and not self._closing
+        request_body = exchange.body
+        if request_body is not None and not request_body.done:
+            # The request body was not (fully) read: the connection cannot
+            # carry another request.
+            keep_alive = False
+        chunked = False
+        framing: bytes
+        if body_forbidden(ctx.method, response.status):
+            framing = b""
+            if body is not None:
+                body.deliverTo(_DISCARD)
+                body = None
+        elif body is None:
+            framing = b"content-length: 0\r\n"
+        elif body.length is not None:
+            framing = b"content-length: %d\r\n" % body.length
+        elif ctx.version >= (1, 1):
+            framing = b"transfer-encoding: chunked\r\n"
+            chunked = True
+        else:
+            framing = b""
+            keep_alive = False
+        if not keep_alive:
+            framing += b"connection: close\r\n"
+        elif ctx.version == (1, 0):
+            framing += b"connection: keep-alive\r\n"
+        exchange.keep_alive = keep_alive
+        transport = self.transport
+        head = status_line(response.status, response.reason) + encode_headers(response.headers) + framing + b"\r\n"
+        if body is None:
+            transport.write(head)
+            self.response_finished(exchange)
+        elif isinstance(body, BytesBody):
+            transport.write(head + body.data)
+            self.response_finished(exchange)
+        else:
+            transport.write(head)
+            exchange.response_body = body
+            transport.registerProducer(body, True)  # type: ignore[attr-defined]
+            body.deliverTo(_ResponseWriter(self, exchange, chunked))
+
+    def response_finished(self, exchange: _Exchange) -> None:
+        if exchange.finished:
+            return
+        exchange.finished = True
+        if exchange.response_body is not None and self.transport is not None and not self._lost:
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        if self._lost:
+            return
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            ctx = RequestContext(b"GET", "/", b"", [], client_ip=self._client_ip)
+            pending = _Exchange(ctx, None, False)
+            self._current = pending
+            self._respond_error(pending, error)
+            return
+        if not exchange.keep_alive:
+            self._close()
+            return
+        self._next()
+
+    def response_aborted(self, exchange: _Exchange, reason: object) -> None:
+        """The response body failed midway: the client must see a broken message."""
+        exchange.finished = True
+        if self.transport is not None and not self._lost:
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            self.log.warn(
+                "response body aborted for request {request_id}: {reason}",
+                request_id=exchange.ctx.request_id,
+                reason=reason,
+            )
+            self._closing = True
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _next(self) -> None:
+        self._current = None
+        if self._queue:
+            exchange = self._queue.popleft()
+            if not self._queue:
+                self.resume_reading("pipeline")
+            self._dispatch(exchange)
+        else:
+            self.resume_reading("pipeline")
+            if not self._in_head:
+                self._set_timer(self.limits.idle_timeout, self._idle_expired)
+
+    # Body events from RequestBody.
+
+    def body_failed(self, body: RequestBody, reason: Failure) -> None:
+        exchange = self._current
+        if exchange is None or exchange.body is not body or self._lost:
+            return
+        if isinstance(reason.value, GatewayError) and not exchange.responded:
+            self._closing = True
+            self._respond_error(exchange, reason.value)
+
+    def body_abandoned(self, body: RequestBody) -> None:
+        # Whatever the consumer did not read can't be skipped reliably.
+        self.resume_reading("body")
+        if self._current is not None and self._current.body is body:
+            self._current.keep_alive = False
+
+    # Errors and closing.
+
+    def _reject(self, error: GatewayError) -> None:
+        """A protocol-level error: stop reading, answer it in order, then close."""
+        self._closing = True
+        self._cancel_timer()
+        incoming = self._incoming
+        if incoming is not None and incoming.body is not None and not incoming.body.done:
+            # Aborts the upload to the upstream; answers if that request is current.
+            incoming.body._failed(Failure(error))
+        current = self._current
+        if current is None:
+            ctx = RequestContext(b"GET", "/", b"", [], client_ip=self._client_ip)
+            exchange = _Exchange(ctx, None, False)
+            self._current = exchange
+            self._respond_error(exchange, error)
+        elif current.responded:
+            if current.finished:
+                self._close()
+            else:
+                current.keep_alive = False
+        elif current is not incoming:
+            # The error belongs to a later pipelined request: answer it after
+            # the current response, then close.
+            self._pending_error = error
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None and not self._lost:
+            self.transport.loseConnection()
+
+    def _head_expired(self) -> None:
+        self._timer = None
+        self.log.info("request head timed out from {client}", client=self._client_ip)
+        self._reject(RequestTimeout(f"request head not received within {self.limits.header_timeout:g}s"))
+
+    def _idle_expired(self) -> None:
+        self._timer = None
+        if self._current is None and not self._queue:
+            self._close()
+
+    def _set_timer(self, seconds: float, call: Callable[[], None]) -> None:
+        self._cancel_timer()
+        self._timer = self._clock.callLater(seconds, call)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+
+class HTTP11ServerFactory(Factory):
+    """Builds HTTP/1.1 connections; refuses new ones past ``max_connections``."""
+
+    log = Logger()
+    protocol = HTTP11ServerProtocol  # type: ignore[assignment]
+
+    def __init__(self, gateway: Callable[[], Gateway], clock: IReactorTime, scheme: bytes = b"http") -> None:
+        #: The current gateway generation; read per request so reloads apply.
+        self.gateway = gateway
+        self.clock = clock
+        self.scheme = scheme
+        self.open_connections = 0
+        self._refused_logged = False
+
+    def limits(self) -> Limits:
+        return self.gateway().config.server.limits
+
+    def buildProtocol(self, addr: object) -> HTTP11ServerProtocol | None:  # type: ignore[override]
+        if self.open_connections >= self.limits().max_connections:
+            if not self._refused_logged:
+                self.log.warn(
+                    "refusing connections: {count} open, max_connections reached",
+                    count=self.open_connections,
+                )
+                self._refused_logged = True
+            return None
+        self._refused_logged = False
+        self.open_connections += 1
+        return HTTP11ServerProtocol(self)
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
