@@ -8,8 +8,8 @@ live here, once; durations are seconds (float) and sizes are bytes (int).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 KiB = 1024
 MiB = 1024 * KiB
