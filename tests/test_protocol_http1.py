@@ -8,7 +8,7 @@ what happens when either side goes away.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -400,7 +400,7 @@ class TimeoutTests(SynchronousTestCase):
         clock.advance(4.9)
         self.assertEqual(conn.output(), b"")
         clock.advance(0.2)
-        [(status, _, body)] = responses(conn.output())
+        [(status, _, _)] = responses(conn.output())
         self.assertEqual(status, 408)
         self.assertTrue(conn.transport.disconnecting)
 

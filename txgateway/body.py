@@ -11,7 +11,7 @@ from txgateway.interfaces import IBody, IBodySink
 class BytesBody:
     """A body whose bytes are all known up front (error pages, tests, demo)."""
 
-    __slots__ = ("data", "length", "_sink", "_paused", "_stopped")
+    __slots__ = ("_paused", "_sink", "_stopped", "data", "length")
 
     def __init__(self, data: bytes) -> None:
         self.data = data

@@ -64,7 +64,7 @@ def run_demo(interface: str = "127.0.0.1", port: int = 9001) -> int:
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-    reactor.listenTCP(port, demo_site(), interface=interface)  # type: ignore[attr-defined]
+    reactor.listenTCP(port, demo_site(), interface=interface)  # type: ignore[attr-defined,arg-type,unused-ignore]
     Logger().info("demo echo upstream on http://{interface}:{port}/", interface=interface, port=port)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined,unused-ignore]
     return 0

@@ -9,7 +9,8 @@ gRPC mapping, so a 429 looks the same on every wire.
 from __future__ import annotations
 
 import json
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 Headers = list[tuple[bytes, bytes]]
 

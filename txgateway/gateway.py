@@ -8,7 +8,7 @@ for new requests while in-flight requests finish on the one they started on.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
@@ -57,7 +57,7 @@ class Gateway:
         """The fixed-order middleware list of a route (filled in by the pipeline work)."""
         return []
 
-    def handle(self, ctx: RequestContext) -> "Deferred[Response]":
+    def handle(self, ctx: RequestContext) -> Deferred[Response]:
         """Route and run the chain; fails only with a GatewayError.
 
         Unexpected exceptions are logged with their traceback and become a 500
@@ -78,7 +78,7 @@ class Gateway:
             d = chain(ctx)
         except GatewayError as error:
             return fail(error)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any bug becomes a 500, never a traceback
             return fail(self._internal(Failure(), ctx))
         return d.addErrback(self._unexpected, ctx)
 

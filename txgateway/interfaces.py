@@ -9,8 +9,15 @@ read).  Nothing on the proxy path holds a whole body in memory.
 
 from __future__ import annotations
 
-from zope.interface import Attribute, Interface
+from typing import TYPE_CHECKING
+
 from twisted.internet.interfaces import IPushProducer
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from txgateway.messages import Response, UpstreamRequest
 
 
 class IBodySink(Interface):
@@ -34,12 +41,15 @@ class IBody(IPushProducer):
     """
 
     length = Attribute("Total length in bytes if known in advance (0: empty), else None.")
-    max_bytes = Attribute(
-        "Request bodies only: the most bytes the route accepts, enforced as they arrive (413)."
-    )
 
     def deliverTo(sink: IBodySink) -> None:
         """Start delivering to ``sink``; called at most once."""
+
+
+class IRequestBody(IBody):
+    """A downstream request body: the route's size limit is enforced as bytes arrive."""
+
+    max_bytes = Attribute("The most bytes the route accepts (413 past it); None: no limit.")
 
 
 class IUpstreamClient(Interface):
@@ -49,7 +59,7 @@ class IUpstreamClient(Interface):
     never touches sockets itself, so the client can change behind this.
     """
 
-    def request(request: object) -> object:
+    def request(request: UpstreamRequest) -> Deferred[Response]:
         """Send an ``UpstreamRequest``; return a Deferred firing with a ``Response``.
 
         Cancelling the Deferred before the head arrives aborts the attempt.
@@ -58,5 +68,5 @@ class IUpstreamClient(Interface):
         or ``UpstreamTimeout``.
         """
 
-    def close() -> object:
+    def close() -> Deferred[None]:
         """Close idle connections and refuse new requests; return a Deferred."""

@@ -7,7 +7,7 @@ it must keep answering when the proxy listener is saturated.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -57,4 +57,6 @@ def admin_site(readiness: Callable[[], str | None]) -> Site:
     site = Site(root)
     site.displayTracebacks = False
     site.noisy = False
+    # Probes hit these every few seconds; access logging them is noise.
+    site.log = lambda request: None  # type: ignore[method-assign]
     return site

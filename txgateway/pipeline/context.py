@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from txgateway.interfaces import IBody
+from txgateway.interfaces import IRequestBody
 
 if TYPE_CHECKING:
     from txgateway.config.model import RouteConfig
@@ -20,25 +20,25 @@ Headers = list[tuple[bytes, bytes]]
 
 class RequestContext:
     __slots__ = (
-        "request_id",
-        "method",
-        "path",
-        "query",
-        "headers",
-        "version",
-        "scheme",
-        "host",
+        "body",
         "client_ip",
         "client_port",
-        "protocol",
-        "body",
-        "route",
-        "params",
-        "upstream_path",
+        "headers",
+        "host",
         "identity",
+        "method",
+        "notes",
+        "params",
+        "path",
+        "protocol",
+        "query",
+        "request_id",
+        "route",
+        "scheme",
         "started",
         "upstream_address",
-        "notes",
+        "upstream_path",
+        "version",
     )
 
     def __init__(
@@ -54,7 +54,7 @@ class RequestContext:
         scheme: bytes = b"http",
         host: str | None = None,
         protocol: str = "http/1.1",
-        body: IBody | None = None,
+        body: IRequestBody | None = None,
         request_id: str = "",
         started: float = 0.0,
     ) -> None:

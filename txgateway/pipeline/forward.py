@@ -8,7 +8,7 @@ the way back.  Protocol-neutral: HTTP/1.1 and HTTP/2 edges both end here.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 
@@ -72,7 +72,7 @@ class Forwarder:
         self._request_rules = HeaderRules(route.request_headers)
         self._response_rules = HeaderRules(route.response_headers)
 
-    def __call__(self, ctx: RequestContext) -> "Deferred[Response]":
+    def __call__(self, ctx: RequestContext) -> Deferred[Response]:
         instance = self.upstream.pick(ctx)
         ctx.upstream_address = instance.address
         headers, via = _strip(ctx.headers, _REQUEST_DROP)

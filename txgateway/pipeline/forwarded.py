@@ -8,8 +8,8 @@ gateway saw.  A trusted proxy's are kept and the proxy's address appended.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Callable, Sequence
 
 Headers = list[tuple[bytes, bytes]]
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})

@@ -13,7 +13,8 @@ lives in :mod:`txgateway.gateway`.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 

@@ -13,7 +13,7 @@ _ACCEPTABLE = re.compile(rb"[\x21-\x7e]{1,200}\Z")
 
 
 class RequestIds:
-    __slots__ = ("_prefix", "_counter")
+    __slots__ = ("_counter", "_prefix")
 
     def __init__(self, prefix: str | None = None) -> None:
         self._prefix = prefix if prefix is not None else os.urandom(6).hex()

@@ -21,7 +21,8 @@ What it promises:
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httptools
 from twisted.internet.defer import CancelledError, Deferred
@@ -50,7 +51,7 @@ from txgateway.http11 import (
     encode_headers,
     status_line,
 )
-from txgateway.interfaces import IBody, IBodySink
+from txgateway.interfaces import IBody, IBodySink, IRequestBody
 from txgateway.messages import Response
 from txgateway.pipeline.context import RequestContext
 
@@ -63,21 +64,21 @@ Headers = list[tuple[bytes, bytes]]
 _BODY_BUFFER_HIGH = 64 * 1024
 
 
-@implementer(IBody)
+@implementer(IRequestBody)
 class RequestBody:
     """The body of a downstream request, streamed to whoever consumes it."""
 
     __slots__ = (
+        "_buffer",
+        "_buffered",
+        "_channel",
+        "_error",
+        "_expect_continue",
+        "_sink",
+        "done",
         "length",
         "max_bytes",
         "received",
-        "done",
-        "_channel",
-        "_sink",
-        "_buffer",
-        "_buffered",
-        "_error",
-        "_expect_continue",
     )
 
     def __init__(self, channel: HTTP11ServerProtocol, length: int | None, expect_continue: bool) -> None:
@@ -182,7 +183,7 @@ _DISCARD = _DiscardSink()
 class _ResponseWriter:
     """Streams one response body to the client connection."""
 
-    __slots__ = ("_channel", "_exchange", "_chunked")
+    __slots__ = ("_channel", "_chunked", "_exchange")
 
     def __init__(self, channel: HTTP11ServerProtocol, exchange: _Exchange, chunked: bool) -> None:
         self._channel = channel
@@ -206,7 +207,7 @@ class _ResponseWriter:
 class _Exchange:
     """One request/response on the connection."""
 
-    __slots__ = ("ctx", "body", "keep_alive", "deferred", "responded", "response_body", "finished")
+    __slots__ = ("body", "ctx", "deferred", "finished", "keep_alive", "responded", "response_body")
 
     def __init__(self, ctx: RequestContext, body: RequestBody | None, keep_alive: bool) -> None:
         self.ctx = ctx
@@ -337,7 +338,7 @@ class HTTP11ServerProtocol(Protocol):
             elif name == b"expect":
                 expect_continue = value.lower() == b"100-continue"
         if url[:1] == b"/":
-            path, sep, query = url.partition(b"?")
+            path, _, query = url.partition(b"?")
         else:
             path, query, host = self._absolute_form(url, host)
         body: RequestBody | None = None
@@ -410,7 +411,7 @@ class HTTP11ServerProtocol(Protocol):
         self._current = exchange
         try:
             d = self.factory.gateway().handle(exchange.ctx)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any bug becomes a 500, never a traceback
             self.log.failure("gateway.handle raised")
             self._respond_error(exchange, GatewayError())
             return
@@ -508,7 +509,7 @@ class HTTP11ServerProtocol(Protocol):
         exchange.finished = True
         if self.transport is not None and not self._lost:
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
-            self.log.warn(
+            self.log.warning(
                 "response body aborted for request {request_id}: {reason}",
                 request_id=exchange.ctx.request_id,
                 reason=reason,
@@ -601,7 +602,8 @@ class HTTP11ServerFactory(Factory):
     """Builds HTTP/1.1 connections; refuses new ones past ``max_connections``."""
 
     log = Logger()
-    protocol = HTTP11ServerProtocol  # type: ignore[assignment]
+    protocol = HTTP11ServerProtocol
+    noisy = False
 
     def __init__(self, gateway: Callable[[], Gateway], clock: IReactorTime, scheme: bytes = b"http") -> None:
         #: The current gateway generation; read per request so reloads apply.
@@ -614,10 +616,10 @@ class HTTP11ServerFactory(Factory):
     def limits(self) -> Limits:
         return self.gateway().config.server.limits
 
-    def buildProtocol(self, addr: object) -> HTTP11ServerProtocol | None:  # type: ignore[override]
+    def buildProtocol(self, addr: object) -> HTTP11ServerProtocol | None:
         if self.open_connections >= self.limits().max_connections:
             if not self._refused_logged:
-                self.log.warn(
+                self.log.warning(
                     "refusing connections: {count} open, max_connections reached",
                     count=self.open_connections,
                 )

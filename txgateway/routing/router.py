@@ -159,7 +159,7 @@ def _params_builder(names: tuple[str, ...]) -> Callable[[list[str]], dict[str, s
     if len(names) == 3:
         a, b, c = names
         return lambda values: {a: values[0], b: values[1], c: values[2]}
-    return lambda values: dict(zip(names, values))
+    return lambda values: dict(zip(names, values, strict=True))
 
 
 def _has_headers(headers: Headers, wanted: tuple[tuple[bytes, bytes], ...]) -> bool:

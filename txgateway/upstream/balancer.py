@@ -7,7 +7,8 @@ power-of-two-choices arrive with the resilience work, each behind the same
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from txgateway.pipeline.context import RequestContext
 from txgateway.upstream.instance import Instance

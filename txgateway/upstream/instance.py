@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class Instance:
-    __slots__ = ("host", "port", "weight", "address")
+    __slots__ = ("address", "host", "port", "weight")
 
     def __init__(self, host: str, port: int, weight: int = 1) -> None:
         self.host = host

@@ -303,7 +303,7 @@ class HTTP11Client:
     def _connectFailed(self, record: _PooledConnection, attempt: _Attempt, reason: Failure) -> None:
         address = record.host.address
         why = reason.getErrorMessage()
-        self.log.warn(  # noqa: G010 (twisted.logger has no warning())
+        self.log.warn(
             "upstream connect failed {address}: {reason}", address=address, reason=why
         )
         attempt.record = None
