@@ -509,7 +509,7 @@ class HTTP11ServerProtocol(Protocol):
         exchange.finished = True
         if self.transport is not None and not self._lost:
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
-            self.log.warning(
+            self.log.warn(
                 "response body aborted for request {request_id}: {reason}",
                 request_id=exchange.ctx.request_id,
                 reason=reason,
@@ -619,7 +619,7 @@ class HTTP11ServerFactory(Factory):
     def buildProtocol(self, addr: object) -> HTTP11ServerProtocol | None:
         if self.open_connections >= self.limits().max_connections:
             if not self._refused_logged:
-                self.log.warning(
+                self.log.warn(
                     "refusing connections: {count} open, max_connections reached",
                     count=self.open_connections,
                 )
