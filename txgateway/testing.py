@@ -21,6 +21,7 @@ import httptools
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txgateway.body import BytesBody
@@ -65,7 +66,7 @@ class _Collect:
         self.done.callback(b"".join(self.parts))
 
     def abort(self, reason: object) -> None:
-        self.done.errback(reason)
+        self.done.errback(reason if isinstance(reason, (Failure, BaseException)) else None)
 
 
 @implementer(IUpstreamClient)
@@ -94,7 +95,7 @@ class MemoryUpstream:
                 request.host, request.port, request.method, request.target, list(request.headers), body
             )
             self.requests.append(received)
-            return maybeDeferred(self._answer, received)
+            return maybeDeferred(self._answer, received)  # type: ignore[call-overload]
 
         def respond(answer: Answer) -> Response:
             status, headers, body = answer
