@@ -49,9 +49,26 @@ class Ready(Resource):
     render_HEAD = render_GET
 
 
+class _Root(Resource):
+    """Unknown admin paths get the gateway's JSON 404, not an HTML page."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return _NotFound()
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, 200, {"endpoints": ["/health", "/ready"]})
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return _json(request, 404, {"error": "not_found", "message": "no such admin endpoint"})
+
+
 def admin_site(readiness: Callable[[], str | None]) -> Site:
     """``readiness()`` returns None when ready, else why not."""
-    root = Resource()
+    root = _Root()
     root.putChild(b"health", Health())
     root.putChild(b"ready", Ready(readiness))
     site = Site(root)
