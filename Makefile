@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/gateway.yaml
-# Debian packages the test suite drives for real (curl as a real client).
-TEST_DEBS := curl
+# Debian packages the test suite drives for real: curl as a client, redis-server
+# for the shared rate-limit tests (the tests start their own on a free port).
+TEST_DEBS := curl redis-server
 BENCH_DEBS := nginx wrk nghttp2-client
 
 .PHONY: setup run test check lint bench system-deps bench-deps clean

@@ -18,12 +18,14 @@ from txgateway.config.model import GatewayConfig, UpstreamConfig
 from txgateway.errors import GatewayError, PayloadTooLarge
 from txgateway.interfaces import IUpstreamClient
 from txgateway.messages import Response
+from txgateway.pipeline.assembly import middlewares_for
 from txgateway.pipeline.context import RequestContext
 from txgateway.pipeline.forward import Forwarder
 from txgateway.pipeline.forwarded import trust_check
-from txgateway.pipeline.pipeline import Handler, Middleware, assemble
+from txgateway.pipeline.pipeline import Handler, assemble
 from txgateway.pipeline.request_id import RequestIds
 from txgateway.routing import Router
+from txgateway.runtime import Runtime
 from txgateway.upstream.upstream import Upstream
 
 
@@ -34,10 +36,14 @@ class Gateway:
         self,
         config: GatewayConfig,
         client_for: Callable[[UpstreamConfig], IUpstreamClient],
+        runtime: Runtime,
         request_ids: RequestIds | None = None,
     ) -> None:
-        """``client_for(upstream)`` gives the client (and its pool) for an upstream."""
+        """``client_for(upstream)`` gives the client (and its pool) for an upstream;
+        ``runtime`` holds what outlives this generation (shared stores, clock)."""
         self.config = config
+        self.runtime = runtime
+        self._preflight_routing = config.middleware.enabled and config.middleware.cors is not None
         self.request_ids = request_ids or RequestIds()
         self.router = Router(config.routes)
         self.upstreams: Mapping[str, Upstream] = {
@@ -51,11 +57,8 @@ class Gateway:
         for route in config.routes:
             terminal = Forwarder(route, self.upstreams[route.upstream], is_trusted)
             limit = route.max_body_bytes if route.max_body_bytes is not None else default_limit
-            self._routes[route.name] = (assemble(self._middlewares_for(route), terminal), limit)
-
-    def _middlewares_for(self, route: object) -> list[Middleware]:
-        """The fixed-order middleware list of a route (filled in by the pipeline work)."""
-        return []
+            chain = assemble(middlewares_for(route, config, runtime), terminal)
+            self._routes[route.name] = (chain, limit)
 
     def handle(self, ctx: RequestContext) -> Deferred[Response]:
         """Route and run the chain; fails only with a GatewayError.
@@ -64,8 +67,15 @@ class Gateway:
         without details, so no client ever sees a traceback.
         """
         ctx.request_id = self.request_ids.for_request(ctx.header(b"x-request-id"))
+        method = ctx.method
+        if self._preflight_routing and method == b"OPTIONS":
+            # A CORS preflight is routed by the method it asks about, so it
+            # reaches the route (and CORS policy) of the real request.
+            requested = ctx.header(b"access-control-request-method")
+            if requested is not None and ctx.header(b"origin") is not None:
+                method = requested
         try:
-            match = self.router.match(ctx.method.decode("latin-1"), ctx.host, ctx.path, ctx.headers)
+            match = self.router.match(method.decode("latin-1"), ctx.host, ctx.path, ctx.headers)
             ctx.route = match.route
             ctx.params = match.params
             ctx.upstream_path = match.upstream_path

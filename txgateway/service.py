@@ -22,6 +22,7 @@ from txgateway.config.model import GatewayConfig, UpstreamConfig
 from txgateway.gateway import Gateway
 from txgateway.interfaces import IUpstreamClient
 from txgateway.protocols.http1 import HTTP11ServerFactory
+from txgateway.runtime import Runtime
 from txgateway.upstream.pool import HTTP11Client
 
 
@@ -41,7 +42,8 @@ class GatewayService(MultiService):
         self.reactor = reactor
         self.config = config
         self._clients: dict[str, HTTP11Client] = {}
-        self.gateway = Gateway(config, self._client_for)
+        self.runtime = Runtime(reactor)
+        self.gateway = Gateway(config, self._client_for, self.runtime)
         self.proxy_factory = HTTP11ServerFactory(lambda: self.gateway, reactor)
         self.ports: list[IListeningPort] = []
         self.admin_port: IListeningPort | None = None
@@ -112,6 +114,7 @@ class GatewayService(MultiService):
             self.admin_port = None
         for client in self._clients.values():
             stops.append(client.close())
+        stops.append(self.runtime.stop())
         return DeferredList(stops, consumeErrors=True)
 
 

@@ -30,6 +30,7 @@ from txgateway.gateway import Gateway
 from txgateway.interfaces import IBodySink, IUpstreamClient
 from txgateway.messages import Response, UpstreamRequest
 from txgateway.protocols.http1 import HTTP11ServerFactory
+from txgateway.runtime import Runtime
 
 Headers = list[tuple[bytes, bytes]]
 Answer = tuple[int, Sequence[tuple[bytes, bytes]], bytes]
@@ -163,9 +164,13 @@ class GatewayHarness:
         upstream: IUpstreamClient,
         clock: Clock | None = None,
         client_ip: str = "127.0.0.1",
+        reactor: object = None,
     ) -> None:
+        """``reactor`` is only needed by middlewares that make network calls
+        (JWKS fetches, Redis); everything else runs on the fake ``clock``."""
         self.clock = clock or Clock()
-        self.gateway = Gateway(config, lambda _config: upstream)
+        self.runtime = Runtime(reactor, self.clock) if reactor is not None else Runtime(self.clock, self.clock)
+        self.gateway = Gateway(config, lambda _config: upstream, self.runtime)
         self._factory = HTTP11ServerFactory(lambda: self.gateway, self.clock)
         self._client_ip = client_ip
 

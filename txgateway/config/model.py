@@ -246,12 +246,24 @@ class CORSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CustomMiddlewareConfig:
+    """A user middleware: ``factory(options, route, runtime)`` from a dotted path or entry point."""
+
+    name: str
+    factory: str
+    options: Mapping[str, object] = field(default_factory=dict)
+    #: Route names it applies to; empty means every route.
+    routes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class MiddlewareConfig:
     enabled: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)
     rate_limit: RateLimitConfig | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     cors: CORSConfig | None = None
+    custom: tuple[CustomMiddlewareConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
@@ -598,9 +598,11 @@ def build_config(
     top = _Block(ctx, "", tree, TOP_KEYS, hints=_TOP_HINTS)
     server = _server(top.block("server", _SERVER_KEYS, aliases={"worker_threads": "workers"}))
     admin = _admin(top.block("admin", ("listen_addr", "listen", "token")))
-    middleware = _middleware(top.block("middleware", ("enabled", "auth", "rate_limit", "cache", "cors")))
+    mb = top.block("middleware", ("enabled", "auth", "rate_limit", "cache", "cors", "custom"))
+    middleware = _middleware(mb)
     upstreams = _upstreams(ctx, top)
     routes = _routes(ctx, top, upstreams, middleware.rate_limit)
+    middleware = replace(middleware, custom=_custom_middlewares(ctx, mb, {r.name for r in routes}))
     observability = _observability(top.block("observability", ("access_log", "metrics", "tracing")))
     if ctx.problems:
         raise ConfigError(_in_file_order(ctx.problems, tree), source)
@@ -1191,6 +1193,54 @@ def _middleware(b: _Block) -> model.MiddlewareConfig:
         cache=_cache(b.block("cache", ("enabled", "storage", "max_bytes", "max_object_bytes"))),
         cors=cors,
     )
+
+
+_CUSTOM_KEYS = ("name", "factory", "options", "routes")
+
+
+def _custom_middlewares(ctx: _Context, mb: _Block, route_names: set[str]) -> tuple[model.CustomMiddlewareConfig, ...]:
+    """``middleware.custom``: users' middlewares, their factories resolved now so
+    ``txgateway check`` reports a wrong module path instead of the first request."""
+    from txgateway.pipeline.custom import resolve_factory
+
+    raw = mb.data.get("custom") if mb.ok else None
+    path = mb.at("custom")
+    if raw is None or isinstance(raw, Unresolved):
+        return ()
+    if not isinstance(raw, list):
+        ctx.problem(path, f"expected a list of middlewares, got {describe(raw)}")
+        return ()
+    entries: list[model.CustomMiddlewareConfig] = []
+    names: set[str] = set()
+    for index, value in enumerate(raw):
+        b = _Block(ctx, item_path(path, index), value, _CUSTOM_KEYS)
+        if not b.ok:
+            continue
+        name = b.require("name", to_nonempty_str)
+        factory = b.require("factory", to_nonempty_str)
+        if name is not None:
+            if name in names:
+                ctx.problem(b.at("name"), f"duplicate middleware name {name!r}")
+            names.add(name)
+        if factory is not None:
+            try:
+                resolve_factory(factory)
+            except ValueError as error:
+                ctx.problem(b.at("factory"), str(error))
+        options = b.data.get("options", {})
+        if not isinstance(options, dict):
+            ctx.problem(b.at("options"), f"expected a mapping, got {describe(options)}")
+            options = {}
+        routes = b.items("routes", to_nonempty_str)
+        for i, route in enumerate(routes):
+            if route not in route_names:
+                ctx.problem(
+                    item_path(b.at("routes"), i),
+                    f"unknown route {route!r}" + did_you_mean(route, sorted(route_names)),
+                )
+        if name is not None and factory is not None:
+            entries.append(model.CustomMiddlewareConfig(name, factory, dict(options), routes))
+    return tuple(entries)
 
 
 def to_algorithm(value: object) -> str:
