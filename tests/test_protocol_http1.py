@@ -22,6 +22,7 @@ from txgateway.errors import GatewayError, NotFound, PayloadTooLarge
 from txgateway.interfaces import IBody, IBodySink
 from txgateway.messages import Response
 from txgateway.pipeline.context import RequestContext
+from txgateway.pipeline.request_id import RequestIds
 from txgateway.protocols.http1 import HTTP11ServerFactory, HTTP11ServerProtocol
 
 
@@ -30,6 +31,7 @@ class ScriptedGateway:
 
     def __init__(self, answer: Callable[[RequestContext], Deferred[Response]], limits: Limits = Limits()) -> None:
         self.config = GatewayConfig(server=ServerConfig(limits=limits))
+        self.request_ids = RequestIds("err")
         self.answer = answer
         self.seen: list[RequestContext] = []
 
@@ -362,6 +364,25 @@ class ErrorTests(SynchronousTestCase):
         self.assertEqual(json.loads(body)["error"], "bad_request")
         self.assertTrue(conn.transport.disconnecting)
 
+    def test_protocol_errors_carry_a_request_id(self) -> None:
+        conn = Connection(ScriptedGateway(lambda ctx: ok()))
+        conn.send(b"NOT HTTP AT ALL\r\n\r\n")
+        [(status, headers, body)] = responses(conn.output())
+        self.assertEqual(status, 400)
+        request_id = json.loads(body)["request_id"]
+        self.assertTrue(request_id)
+        self.assertEqual(headers[b"x-request-id"], request_id.encode())
+
+    def test_unknown_transfer_coding_is_501_and_not_forwarded(self) -> None:
+        gateway = ScriptedGateway(lambda ctx: ok())
+        conn = Connection(gateway)
+        conn.send(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        [(status, _, body)] = responses(conn.output())
+        self.assertEqual(status, 501)
+        self.assertEqual(json.loads(body)["error"], "not_implemented")
+        self.assertEqual(gateway.seen, [])
+        self.assertTrue(conn.transport.disconnecting)
+
     def test_head_too_large_is_431(self) -> None:
         conn = Connection(ScriptedGateway(lambda ctx: ok(), Limits(max_header_bytes=200)))
         conn.send(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 300 + b"\r\n\r\n")
@@ -456,14 +477,28 @@ class DisconnectTests(SynchronousTestCase):
         conn.protocol.connectionLost()
         self.assertIsNotNone(sink.aborted)
 
-    def test_upstream_body_failure_aborts_client_connection(self) -> None:
+    def test_upstream_body_failure_closes_after_partial_framed_body(self) -> None:
         body = ControlledBody(length=100)
         conn = Connection(ScriptedGateway(lambda ctx: succeed(Response(200, [], body))))
         conn.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
         assert body.sink is not None
         body.sink.write(b"partial")
         body.sink.abort(Exception("upstream reset"))
+        # Content-Length framing shows the truncation: the head and the bytes
+        # so far are delivered, then the connection closes.
         self.assertTrue(conn.transport.disconnecting)
+        self.assertFalse(conn.transport.disconnected)
+        self.assertTrue(conn.output().endswith(b"partial"))
+
+    def test_upstream_body_failure_resets_close_delimited_body(self) -> None:
+        body = ControlledBody(length=None)
+        conn = Connection(ScriptedGateway(lambda ctx: succeed(Response(200, [], body))))
+        conn.send(b"GET / HTTP/1.0\r\n\r\n")
+        assert body.sink is not None
+        body.sink.write(b"partial")
+        body.sink.abort(Exception("upstream reset"))
+        # A clean close would make a truncated close-delimited body look whole.
+        self.assertTrue(conn.transport.disconnected)
 
 
 class ConnectionLimitTests(SynchronousTestCase):

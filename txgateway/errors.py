@@ -69,6 +69,10 @@ class RateLimited(GatewayError):
     status, code, default_message = 429, "rate_limited", "too many requests"
 
 
+class NotImplementedByGateway(GatewayError):
+    status, code, default_message = 501, "not_implemented", "not implemented by the gateway"
+
+
 class BadGateway(GatewayError):
     status, code, default_message = 502, "bad_gateway", "upstream failed"
 

@@ -39,6 +39,7 @@ from txgateway.errors import (
     BadRequest,
     GatewayError,
     HeadersTooLarge,
+    NotImplementedByGateway,
     PayloadTooLarge,
     RequestTimeout,
     render_json,
@@ -207,7 +208,7 @@ class _ResponseWriter:
 class _Exchange:
     """One request/response on the connection."""
 
-    __slots__ = ("body", "ctx", "deferred", "finished", "keep_alive", "responded", "response_body")
+    __slots__ = ("body", "close_delimited", "ctx", "deferred", "finished", "keep_alive", "responded", "response_body")
 
     def __init__(self, ctx: RequestContext, body: RequestBody | None, keep_alive: bool) -> None:
         self.ctx = ctx
@@ -217,6 +218,8 @@ class _Exchange:
         self.responded = False
         self.response_body: IBody | None = None
         self.finished = False
+        #: The body ends when the connection closes: truncation must be a reset.
+        self.close_delimited = False
 
 
 class HTTP11ServerProtocol(Protocol):
@@ -334,7 +337,11 @@ class HTTP11ServerProtocol(Protocol):
             elif name == b"content-length":
                 content_length = int(value)  # llhttp validated it
             elif name == b"transfer-encoding":
-                chunked = chunked or b"chunked" in value.lower()
+                if chunked or value.strip().lower() != b"chunked":
+                    # RFC 9112 6.1: a coding we cannot decode must not be
+                    # passed on as if it were the plain body.
+                    raise NotImplementedByGateway(f"transfer coding not supported: {value.decode('latin-1')}")
+                chunked = True
             elif name == b"expect":
                 expect_continue = value.lower() == b"100-continue"
         if url[:1] == b"/":
@@ -465,6 +472,7 @@ class HTTP11ServerProtocol(Protocol):
         else:
             framing = b""
             keep_alive = False
+            exchange.close_delimited = True
         if not keep_alive:
             framing += b"connection: close\r\n"
         elif ctx.version == (1, 0):
@@ -494,8 +502,7 @@ class HTTP11ServerProtocol(Protocol):
             return
         if self._pending_error is not None:
             error, self._pending_error = self._pending_error, None
-            ctx = RequestContext(b"GET", "/", b"", [], client_ip=self._client_ip)
-            pending = _Exchange(ctx, None, False)
+            pending = self._error_exchange()
             self._current = pending
             self._respond_error(pending, error)
             return
@@ -505,7 +512,12 @@ class HTTP11ServerProtocol(Protocol):
         self._next()
 
     def response_aborted(self, exchange: _Exchange, reason: object) -> None:
-        """The response body failed midway: the client must see a broken message."""
+        """The response body failed midway: the client must see a broken message.
+
+        With Content-Length or chunked framing a close after the bytes sent so
+        far shows the truncation (and keeps the head the client may still be
+        reading); a close-delimited body would look complete, so it is reset.
+        """
         exchange.finished = True
         if self.transport is not None and not self._lost:
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
@@ -515,7 +527,10 @@ class HTTP11ServerProtocol(Protocol):
                 reason=reason,
             )
             self._closing = True
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            if exchange.close_delimited:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+            else:
+                self.transport.loseConnection()
 
     def _next(self) -> None:
         self._current = None
@@ -557,8 +572,7 @@ class HTTP11ServerProtocol(Protocol):
             incoming.body._failed(Failure(error))
         current = self._current
         if current is None:
-            ctx = RequestContext(b"GET", "/", b"", [], client_ip=self._client_ip)
-            exchange = _Exchange(ctx, None, False)
+            exchange = self._error_exchange()
             self._current = exchange
             self._respond_error(exchange, error)
         elif current.responded:
@@ -570,6 +584,12 @@ class HTTP11ServerProtocol(Protocol):
             # The error belongs to a later pipelined request: answer it after
             # the current response, then close.
             self._pending_error = error
+
+    def _error_exchange(self) -> _Exchange:
+        """An exchange for an error found before a request could be built."""
+        ctx = RequestContext(b"GET", "/", b"", [], client_ip=self._client_ip)
+        ctx.request_id = self.factory.gateway().request_ids.next()
+        return _Exchange(ctx, None, False)
 
     def _close(self) -> None:
         self._closing = True
