@@ -264,6 +264,15 @@ def to_url(schemes: Sequence[str]) -> Convert[str]:
     return convert
 
 
+def to_public_key_file(value: object) -> str:
+    """A readable PEM file of JWT public keys (checked now, so ``txgateway check`` reports it)."""
+    from txgateway.auth.jwt import load_public_key_file
+
+    path = to_existing_file(value)
+    load_public_key_file(path)
+    return path
+
+
 def to_abs_path(value: object) -> str:
     """A URL path (starts with '/')."""
     text = to_str(value)
@@ -1315,7 +1324,7 @@ def _jwt(b: _Block, auth: _Block, shortcut_secret: str | None) -> model.JWTConfi
         secret=secret,
         jwks_url=b.get("jwks_url", to_url(("https", "http")), None),
         jwks_refresh=b.get("jwks_refresh", duration(positive=True), _JWT.jwks_refresh),
-        public_key_file=b.get("public_key_file", to_existing_file, None),
+        public_key_file=b.get("public_key_file", to_public_key_file, None),
         issuer=b.get("issuer", to_nonempty_str, None),
         audience=b.get("audience", to_nonempty_str, None),
         leeway=b.get("leeway", duration(), _JWT.leeway),
@@ -1359,14 +1368,20 @@ def _rate_limit(b: _Block, base: model.RateLimitConfig, inherit_tiers: bool) -> 
             b.ctx.problem(path, f"expected a list of tiers, got {describe(raw)}")
         elif isinstance(raw, list):
             for index, item in enumerate(raw):
-                tb = _Block(b.ctx, item_path(path, index), item, ("role", "requests_per_minute", "burst_size"))
+                tb = _Block(
+                    b.ctx, item_path(path, index), item, ("role", "permission", "requests_per_minute", "burst_size")
+                )
                 if not tb.ok:
                     continue
-                role = tb.require("role", to_nonempty_str)
+                # A tier matches a role or (the seed's way) a permission: exactly one of them.
+                kind = "permission" if tb.given("permission") and not tb.given("role") else "role"
+                if tb.given("role") and tb.given("permission"):
+                    b.ctx.problem(tb.path, "give either role or permission, not both")
+                name = tb.require(kind, to_nonempty_str)
                 rpm = tb.require("requests_per_minute", int_range(1))
                 tier_burst = tb.get("burst_size", int_range(1), burst)
-                if role is not None and rpm is not None:
-                    tiers.append({"role": role, "requests_per_minute": rpm, "burst_size": tier_burst})
+                if name is not None and rpm is not None:
+                    tiers.append({kind: name, "requests_per_minute": rpm, "burst_size": tier_burst})
     return model.RateLimitConfig(
         enabled=b.get("enabled", to_bool, base.enabled),
         algorithm=b.get("algorithm", choice(("token_bucket", "sliding_window")), base.algorithm),

@@ -64,3 +64,54 @@ def forwarded_headers(
     elif host is not None:
         out.append((b"x-forwarded-host", host.encode("latin-1")))
     return out
+
+
+def client_address(peer_ip: str, headers: Headers, is_trusted: Callable[[str], bool]) -> str:
+    """The address of the client that sent the request, for limits and logs.
+
+    The peer itself unless it is a trusted proxy.  Otherwise X-Forwarded-For
+    (every such header, in order) is walked from the right, skipping the
+    hops that are trusted proxies: the first one that is not is the client.
+    Everything to its left was written by the client and is ignored, so
+    prepending addresses cannot buy a client a fresh identity.  An entry
+    that is not an address (``unknown``, garbage) stops the walk at the last
+    hop that was vouched for; when every hop is trusted, the leftmost is the
+    client.  Addresses taken from the header are returned in canonical form
+    (``::1`` for ``0:0::1``, IPv4-mapped IPv6 as IPv4), ports removed
+    (``1.2.3.4:80``, ``[::1]:80``).
+    """
+    if not is_trusted(peer_ip):
+        return peer_ip
+    hops: list[bytes] = []
+    for name, value in headers:
+        if name == b"x-forwarded-for":
+            hops.extend(value.split(b","))
+    address = peer_ip
+    for raw in reversed(hops):
+        hop = raw.strip()
+        if not hop:
+            continue
+        parsed = _hop_address(hop)
+        if parsed is None:
+            return address
+        address = parsed
+        if not is_trusted(parsed):
+            return parsed
+    return address
+
+
+@lru_cache(maxsize=4096)
+def _hop_address(hop: bytes) -> str | None:
+    """The canonical IP address in one X-Forwarded-For entry, or None."""
+    text = hop.strip(b'"').decode("latin-1")
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
