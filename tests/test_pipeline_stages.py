@@ -158,3 +158,27 @@ class CustomMiddlewareTests(SynchronousTestCase):
         config = parse_config(CUSTOM_CONFIG + "  enabled: false\n")
         response = GatewayHarness(config, MemoryUpstream(ok)).request("GET", "/orders/1")
         self.assertEqual(response.status, 200)
+
+
+STRIP_CONFIG = """
+upstreams:
+  app: {servers: ["127.0.0.1:9001"]}
+routes:
+  - {name: open, match: {path: "/open/*"}, upstream: app, auth: none}
+middleware:
+  enabled: false
+  auth:
+    jwt_secret: "not-used-here-but-configured"
+    forward_claims: {sub: X-User-ID}
+"""
+
+
+class ClaimHeaderStripTests(SynchronousTestCase):
+    def test_client_copies_stripped_even_with_middleware_disabled(self) -> None:
+        upstream = MemoryUpstream(ok)
+        gateway = GatewayHarness(parse_config(STRIP_CONFIG), upstream)
+        response = gateway.request("GET", "/open/x", headers=[("x-user-id", "admin"), ("x-other", "kept")])
+        self.assertEqual(response.status, 200)
+        sent = upstream.requests[0]
+        self.assertIsNone(sent.header(b"x-user-id"))
+        self.assertEqual(sent.header(b"x-other"), b"kept")

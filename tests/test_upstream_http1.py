@@ -582,6 +582,32 @@ class TimeoutTests(SynchronousTestCase):
         self.assertEqual(len(self.up.reactor.getDelayedCalls()), 1, "only the idle timer")
         self.assertEqual(self.up.reactor.getDelayedCalls()[0].getTime(), 120.0)
 
+    def test_upload_longer_than_the_timeout_is_not_cut_off(self) -> None:
+        body = ManualBody(length=None)
+        d = self.up.client.request(request(method=b"POST", body=body, response_timeout=5.0))
+        self.up.accept()
+        assert body.sink is not None
+        for _ in range(10):  # 40 s of upload, a piece every 4 s
+            self.up.reactor.advance(4.0)
+            body.sink.write(b"piece")
+        self.assertNoResult(d)
+        body.sink.finish()
+        # The full timeout runs again from the end of the body.
+        self.up.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.up.reactor.advance(0.1)
+        self.failureResultOf(d, UpstreamTimeout)
+
+    def test_stalled_upload_times_out(self) -> None:
+        body = ManualBody(length=100)
+        d = self.up.client.request(request(method=b"POST", body=body, response_timeout=5.0))
+        wire = self.up.accept()
+        assert body.sink is not None
+        body.sink.write(b"x" * 10)
+        self.up.reactor.advance(5.0)
+        self.failureResultOf(d, UpstreamTimeout)
+        self.assertTrue(wire.disconnected)
+
     def test_waiting_for_a_connection_counts(self) -> None:
         first = self.up.client.request(request(response_timeout=10.0))
         wire = self.up.accept()

@@ -165,11 +165,19 @@ class GatewayHarness:
         clock: Clock | None = None,
         client_ip: str = "127.0.0.1",
         reactor: object = None,
+        runtime: Runtime | None = None,
     ) -> None:
         """``reactor`` is only needed by middlewares that make network calls
-        (JWKS fetches, Redis); everything else runs on the fake ``clock``."""
+        (JWKS fetches, Redis); everything else runs on the fake ``clock``.
+        Pass a prepared ``runtime`` to pre-register shared objects (a JWKS key
+        set with a stub fetch, a rate-limit store) under their keys."""
         self.clock = clock or Clock()
-        self.runtime = Runtime(reactor, self.clock) if reactor is not None else Runtime(self.clock, self.clock)
+        if runtime is not None:
+            self.runtime = runtime
+        elif reactor is not None:
+            self.runtime = Runtime(reactor, self.clock)
+        else:
+            self.runtime = Runtime(self.clock, self.clock)
         self.gateway = Gateway(config, lambda _config: upstream, self.runtime)
         self._factory = HTTP11ServerFactory(lambda: self.gateway, self.clock)
         self._client_ip = client_ip

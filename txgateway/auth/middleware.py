@@ -397,14 +397,25 @@ class _Generation:
 _log = Logger(namespace="txgateway.auth")
 
 
+def claim_header_strip(config: GatewayConfig) -> ClaimHeaderStrip | None:
+    """Removes client-sent copies of the ``forward_claims`` headers; None when there are none.
+
+    Runs on every route, authenticated or not, and even with
+    ``middleware.enabled: false``: an upstream that trusts X-User-ID must
+    never see one a client wrote.
+    """
+    claims = config.middleware.auth.forward_claims
+    if not claims:
+        return None
+    return ClaimHeaderStrip(frozenset(header.lower().encode("latin-1") for _, header in claims))
+
+
 def for_route(route: RouteConfig, config: GatewayConfig, runtime: Runtime) -> AuthMiddleware | ClaimHeaderStrip | None:
     """The route's auth stage; None when it neither authenticates nor has headers to strip."""
     auth = config.middleware.auth
     mode = route.auth or ("required" if auth.enabled else "none")
     if mode == "none" and not route.roles:
-        if not auth.forward_claims:
-            return None
-        return ClaimHeaderStrip(frozenset(header.lower().encode("latin-1") for _, header in auth.forward_claims))
+        return claim_header_strip(config)
     authenticator = runtime.shared(("auth", "generation"), _Generation).authenticator_for(config, runtime)
     if not authenticator.can_authenticate and (mode == "required" or route.roles):
         _log.warn(

@@ -38,7 +38,10 @@ def _stages() -> tuple[tuple[str, StageFactory], ...]:
 def middlewares_for(route: RouteConfig, config: GatewayConfig, runtime: Runtime) -> list[Middleware]:
     """The route's middlewares, outermost first."""
     if not config.middleware.enabled:
-        return []
+        from txgateway.auth.middleware import claim_header_strip
+
+        strip = claim_header_strip(config)
+        return [strip] if strip is not None else []
     chain: list[Middleware] = []
     for _name, factory in _stages():
         middleware = factory(route, config, runtime)

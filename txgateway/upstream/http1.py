@@ -74,6 +74,13 @@ class ResponseHandler(_TypingProtocol):
     def responseReceived(self, response: Response) -> None:
         """The final (non-1xx) response head arrived."""
 
+    def requestProgress(self) -> None:
+        """A piece of the request body went out (or the last one did).
+
+        The response timeout counts from the last progress, so a large upload
+        is not cut off by a timeout meant for the upstream's answer.
+        """
+
     def requestFailed(self, reason: Failure, stale: bool) -> None:
         """The request failed before the final head.
 
@@ -106,6 +113,7 @@ class _RequestBodyWriter:
         remaining = self._remaining
         if remaining is None:
             connection.transport.write(chunk(data))
+            connection._requestBodyProgress()
             return
         remaining -= len(data)
         if remaining < 0:
@@ -116,6 +124,7 @@ class _RequestBodyWriter:
             return
         self._remaining = remaining
         connection.transport.write(data)
+        connection._requestBodyProgress()
 
     def finish(self) -> None:
         connection = self._connection
@@ -552,10 +561,16 @@ class HTTP11Connection(Protocol):
             self._requestWriter = None
             writer._detach()
 
+    def _requestBodyProgress(self) -> None:
+        handler = self._handler
+        if handler is not None:
+            handler.requestProgress()
+
     def _requestBodySent(self) -> None:
         self._requestWriter = None
         self._requestDone = True
         self.transport.unregisterProducer()
+        self._requestBodyProgress()
 
     def _requestBodyFailed(self, reason: Failure) -> None:
         """The request body broke (client went away, wrong length): give up the exchange."""

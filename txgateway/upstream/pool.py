@@ -133,6 +133,11 @@ class _Attempt:
 
     # ResponseHandler
 
+    def requestProgress(self) -> None:
+        timer = self.timer
+        if timer is not None and timer.active():
+            timer.reset(self.request.response_timeout)
+
     def responseReceived(self, response: Response) -> None:
         self.record = None
         d, self.deferred = self.deferred, None
