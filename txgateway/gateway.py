@@ -47,7 +47,7 @@ class Gateway:
         self.request_ids = request_ids or RequestIds()
         self.router = Router(config.routes)
         self.upstreams: Mapping[str, Upstream] = {
-            name: Upstream(upstream, client_for(upstream))
+            name: Upstream(upstream, client_for(upstream), runtime.clock)
             for name, upstream in config.upstreams.items()
         }
         is_trusted = trust_check(config.server.trusted_proxies)

@@ -1,8 +1,10 @@
 """Load balancers: which instance of an upstream serves the next request.
 
-Only round robin exists yet; weighted, least-connections, consistent-hash and
-power-of-two-choices arrive with the resilience work, each behind the same
-``pick`` so the forwarder never knows which one it has.
+``balancer_for(config, instances)`` builds the one the config names.
+``pick(candidates, ctx)`` chooses among ``candidates``: the available
+instances this request has not tried yet, never empty.  Balancers that keep
+structure over the full set (the consistent-hash ring) build it once from
+``instances`` and skip what is not a candidate.
 """
 
 from __future__ import annotations
@@ -10,32 +12,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from txgateway.config.model import UpstreamConfig
 from txgateway.pipeline.context import RequestContext
 from txgateway.upstream.instance import Instance
 
 
 class Balancer(Protocol):
-    def pick(self, instances: Sequence[Instance], ctx: RequestContext) -> Instance: ...
+    def pick(self, candidates: Sequence[Instance], ctx: RequestContext) -> Instance: ...
 
 
 class RoundRobin:
-    """Each instance in turn; ``instances`` must be non-empty."""
+    """Each candidate in turn."""
 
     __slots__ = ("_next",)
 
     def __init__(self) -> None:
         self._next = 0
 
-    def pick(self, instances: Sequence[Instance], ctx: RequestContext) -> Instance:
-        index = self._next % len(instances)
+    def pick(self, candidates: Sequence[Instance], ctx: RequestContext) -> Instance:
+        index = self._next % len(candidates)
         self._next = index + 1
-        return instances[index]
+        return candidates[index]
 
 
-def balancer_for(name: str) -> Balancer:
-    """The balancer a config names; unknown names were rejected at load."""
-    if name == "round_robin":
-        return RoundRobin()
-    # The other algorithms are validated config but not yet built: fall back
-    # to round robin rather than refuse a valid file.
+def balancer_for(config: UpstreamConfig, instances: Sequence[Instance]) -> Balancer:
+    """The balancer ``config.load_balancer`` names (validated at load)."""
     return RoundRobin()
