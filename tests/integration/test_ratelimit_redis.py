@@ -289,9 +289,9 @@ class TwoGatewaysTests(TestCase):
         # Every admitted request saw its own count: the decisions were atomic across both gateways.
         self.assertEqual(sorted(int(r.header(b"ratelimit-remaining") or -1) for r in admitted), list(range(100)))
         self.assertEqual({r.header(b"ratelimit-limit") for r in responses}, {b"100"})
-        # Both gateways admitted some (the bucket really is shared, not split).
-        by_gateway = Counter(self.ports[int(r.json()["path"].rpartition("/")[2]) % 2] for r in admitted)
-        self.assertEqual(set(by_gateway), set(self.ports))
+        # Exactly 100 over both gateways proves one shared bucket (split
+        # buckets would admit 200); which gateway wins how many tokens is
+        # scheduling, so it is not asserted.
         self.assertEqual(len(self.upstream.requests), 100)
         refused = [r for r in responses if r.status == 429]
         self.assertTrue(all(int(r.header(b"retry-after") or 0) >= 1 for r in refused))
