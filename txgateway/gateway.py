@@ -14,18 +14,21 @@ from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txgateway.config.model import GatewayConfig, UpstreamConfig
+from txgateway.config.model import GatewayConfig, RouteConfig, UpstreamConfig
 from txgateway.errors import GatewayError, PayloadTooLarge
 from txgateway.interfaces import IUpstreamClient
 from txgateway.messages import Response
 from txgateway.pipeline.assembly import middlewares_for
+from txgateway.pipeline.breaker import BreakerStage
 from txgateway.pipeline.context import RequestContext
+from txgateway.pipeline.fallback import FallbackStage
 from txgateway.pipeline.forward import Forwarder
 from txgateway.pipeline.forwarded import trust_check
 from txgateway.pipeline.pipeline import Handler, assemble
 from txgateway.pipeline.request_id import RequestIds
 from txgateway.routing import Router
 from txgateway.runtime import Runtime
+from txgateway.upstream.health import UpstreamHealth
 from txgateway.upstream.upstream import Upstream
 
 
@@ -46,19 +49,53 @@ class Gateway:
         self._preflight_routing = config.middleware.enabled and config.middleware.cors is not None
         self.request_ids = request_ids or RequestIds()
         self.router = Router(config.routes)
+        #: Health checking of each upstream; active checks run once ``start()`` is called.
+        self.health: list[UpstreamHealth] = []
         self.upstreams: Mapping[str, Upstream] = {
-            name: Upstream(upstream, client_for(upstream), runtime.clock)
-            for name, upstream in config.upstreams.items()
+            name: self._upstream(upstream, client_for) for name, upstream in config.upstreams.items()
         }
         is_trusted = trust_check(config.server.trusted_proxies)
         default_limit = config.server.limits.max_body_bytes
         #: Per route name: its assembled chain and its request body limit.
         self._routes: dict[str, tuple[Handler, int]] = {}
         for route in config.routes:
-            terminal = Forwarder(route, self.upstreams[route.upstream], is_trusted)
+            terminal = self._terminal(route, is_trusted)
             limit = route.max_body_bytes if route.max_body_bytes is not None else default_limit
             chain = assemble(middlewares_for(route, config, runtime), terminal)
             self._routes[route.name] = (chain, limit)
+
+    def _upstream(self, config: UpstreamConfig, client_for: Callable[[UpstreamConfig], IUpstreamClient]) -> Upstream:
+        """The upstream for ``config``, shared by every generation with the same config
+        (in ``runtime.shared``), so a reload keeps its instances' health and its checks."""
+        runtime = self.runtime
+        upstream = runtime.shared(("upstream", config), lambda: Upstream(config, client_for(config), runtime.clock))
+        self.health.append(runtime.shared(("upstream-health", config), lambda: UpstreamHealth(upstream, runtime.clock)))
+        return upstream
+
+    def start(self, previous: Gateway | None = None) -> None:
+        """Start this generation's active health checks (once its listeners are up) and
+        stop those of ``previous``, the generation it replaces, that it does not share."""
+        for health in self.health:
+            health.start()
+        if previous is not None:
+            for health in previous.health:
+                if health not in self.health:
+                    health.stop()
+
+    def _terminal(self, route: RouteConfig, is_trusted: Callable[[str], bool]) -> Handler:
+        """The upstream end of a route's chain: forwarder, inside its breaker, inside its fallback."""
+        upstream = self.upstreams[route.upstream]
+        clock = self.runtime.clock
+        handler: Handler = Forwarder(route, upstream, is_trusted, clock)
+        if upstream.breaker is not None:
+            handler = BreakerStage(upstream.breaker).wrap(handler)
+        fallback = upstream.config.fallback
+        if fallback is not None:
+            other: Handler | None = None
+            if fallback.upstream is not None:
+                other = Forwarder(route, self.upstreams[fallback.upstream], is_trusted, clock)
+            handler = FallbackStage(fallback, other).wrap(handler)
+        return handler
 
     def handle(self, ctx: RequestContext) -> Deferred[Response]:
         """Route and run the chain; fails only with a GatewayError.

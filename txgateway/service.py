@@ -77,7 +77,8 @@ class GatewayService(MultiService):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         try:
-            self.admin_port = self._listen(self.config.admin.listen, admin_site(self.readiness))
+            admin = admin_site(self.readiness, lambda: self.gateway.upstreams, self.config.admin.token)
+            self.admin_port = self._listen(self.config.admin.listen, admin)
             for description in self.config.server.listen:
                 self.ports.append(self._listen(description, self.proxy_factory))
         except ListenError as error:
@@ -92,6 +93,7 @@ class GatewayService(MultiService):
             self.privilegedStartService()
         super().startService()
         self._listening = True
+        self.gateway.start()
         for port in self.ports:
             host = port.getHost()
             self.log.info(

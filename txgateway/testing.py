@@ -192,11 +192,14 @@ class GatewayHarness:
         headers: Sequence[tuple[str, str]] = (),
         body: bytes = b"",
         host: str = "gateway.test",
+        max_timers: int = 100,
     ) -> HarnessResponse:
         """Send one request on a fresh connection and return the complete response.
 
-        Raises AssertionError when the gateway did not answer synchronously
-        (an upstream ``answer`` that returned an unfired Deferred).
+        While no response has come, the fake clock is advanced to the next
+        pending timer (up to ``max_timers`` times), so retries with backoff
+        complete.  Raises AssertionError when the gateway did not answer (an
+        upstream ``answer`` that returned a Deferred nobody fires).
         """
         from twisted.internet.address import IPv4Address
 
@@ -210,9 +213,20 @@ class GatewayHarness:
         if body:
             lines.append(f"content-length: {len(body)}")
         protocol.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        raw = transport.value()
         reader = _ResponseReader()
-        reader.feed(raw)
+        seen = 0
+        for _ in range(max_timers):
+            raw = transport.value()
+            reader.feed(raw[seen:])
+            seen = len(raw)
+            if reader.responses:
+                break
+            # Waiting on a timer (a retry backoff, say): let fake time pass
+            # to the next one, as much as the gateway asks for.
+            pending = [call.getTime() for call in self.clock.getDelayedCalls() if call.active()]
+            if not pending:
+                break
+            self.clock.advance(max(0.0, min(pending) - self.clock.seconds()))
         protocol.connectionLost()
         if not reader.responses:
             raise AssertionError(f"no complete response from the gateway; got {raw!r}")

@@ -1,9 +1,17 @@
 """The last stage of every pipeline: send the request to the route's upstream.
 
 Builds the upstream request (hop-by-hop headers removed, X-Forwarded-*,
-Via and X-Request-ID set, route header rules applied), calls the upstream
-through its ``IUpstreamClient`` and cleans the response head the same way on
-the way back.  Protocol-neutral: HTTP/1.1 and HTTP/2 edges both end here.
+Via and X-Request-ID set, route header rules applied), picks an instance,
+calls it through the upstream's ``IUpstreamClient`` and cleans the response
+head the same way on the way back.  Protocol-neutral: HTTP/1.1 and HTTP/2
+edges both end here.
+
+With ``retry.attempts > 1`` a failed try (per ``retry.on``) is tried again on
+another instance when one exists, after a jittered backoff, within the
+upstream's retry budget, and only while the request body can be replayed
+(see :mod:`txgateway.upstream.replay`).  Every try's outcome goes to passive
+health; every instance counts its requests in flight until the response body
+ends (for least-connections).
 """
 
 from __future__ import annotations
@@ -11,12 +19,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from txgateway.config.model import HeaderOps, RouteConfig
+from txgateway.errors import GatewayError
 from txgateway.http11 import HOP_BY_HOP, body_forbidden, connection_tokens
+from txgateway.interfaces import IBody, IBodySink
 from txgateway.messages import Response, UpstreamRequest
 from txgateway.pipeline.context import RequestContext
 from txgateway.pipeline.forwarded import forwarded_headers
+from txgateway.upstream.instance import Instance
+from txgateway.upstream.replay import ReplayableBody
 from txgateway.upstream.upstream import Upstream
 
 Headers = list[tuple[bytes, bytes]]
@@ -58,12 +73,83 @@ def _strip(headers: Headers, drop: frozenset[bytes]) -> tuple[Headers, list[byte
     return [(n, v) for n, v in headers if n not in drop], via
 
 
+def failure_kind(failure: Failure) -> str | None:
+    """The upstream failure kind of a try ("connect_error", "timeout"...), None if not an upstream failure."""
+    kind = getattr(failure.value, "kind", None)
+    return kind if isinstance(kind, str) else None
+
+
+@implementer(IBody)
+class _InFlight:
+    """Passes a response body through and releases its instance's in-flight slot at the end."""
+
+    __slots__ = ("_body", "_instance", "_sink", "length")
+
+    def __init__(self, body: IBody, instance: Instance) -> None:
+        self._body = body
+        self._instance: Instance | None = instance
+        self._sink: IBodySink | None = None
+        self.length = body.length
+
+    def _release(self) -> None:
+        instance, self._instance = self._instance, None
+        if instance is not None:
+            instance.in_flight -= 1
+
+    def deliverTo(self, sink: IBodySink) -> None:
+        self._sink = sink
+        self._body.deliverTo(_InFlightSink(self))
+
+    def pauseProducing(self) -> None:
+        self._body.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._body.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._release()
+        self._body.stopProducing()
+
+
+@implementer(IBodySink)
+class _InFlightSink:
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: _InFlight) -> None:
+        self._owner = owner
+
+    def write(self, data: bytes) -> None:
+        sink = self._owner._sink
+        if sink is not None:
+            sink.write(data)
+
+    def finish(self) -> None:
+        owner = self._owner
+        owner._release()
+        if owner._sink is not None:
+            owner._sink.finish()
+
+    def abort(self, reason: object) -> None:
+        owner = self._owner
+        owner._release()
+        if owner._sink is not None:
+            owner._sink.abort(reason)
+
+
 class Forwarder:
     """The terminal handler of one route."""
 
-    def __init__(self, route: RouteConfig, upstream: Upstream, is_trusted: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        route: RouteConfig,
+        upstream: Upstream,
+        is_trusted: Callable[[str], bool],
+        clock: IReactorTime,
+    ) -> None:
         self.route = route
         self.upstream = upstream
+        self._client = upstream.client
+        self._clock = clock
         self._is_trusted = is_trusted
         self._connect_timeout = upstream.config.timeouts.connect
         self._response_timeout = (
@@ -71,10 +157,16 @@ class Forwarder:
         )
         self._request_rules = HeaderRules(route.request_headers)
         self._response_rules = HeaderRules(route.response_headers)
+        self._retry = upstream.retry
+        self._budget = upstream.retry_budget
 
     def __call__(self, ctx: RequestContext) -> Deferred[Response]:
-        instance = self.upstream.pick(ctx)
-        ctx.upstream_address = instance.address
+        headers, target = self._prepare(ctx)
+        if self._retry.applies_to(ctx.method):
+            return _Tries(self, ctx, headers, target).start()
+        return self.send(ctx, self.upstream.pick(ctx), headers, target, ctx.body)
+
+    def _prepare(self, ctx: RequestContext) -> tuple[Headers, bytes]:
         headers, via = _strip(ctx.headers, _REQUEST_DROP)
         headers = forwarded_headers(
             headers, ctx.client_ip, ctx.scheme, ctx.host, self._is_trusted(ctx.client_ip)
@@ -82,28 +174,43 @@ class Forwarder:
         via.append(VIA)
         headers.append((b"via", b", ".join(via)))
         headers.append((b"x-request-id", ctx.request_id.encode("ascii")))
-        if ctx.host is None:
-            headers.append((b"host", instance.address.encode("ascii")))
         if self._request_rules:
             headers = self._request_rules.apply(headers)
         target = ctx.upstream_path.encode("latin-1")
         if ctx.query:
             target += b"?" + ctx.query
-        request = UpstreamRequest(
-            host=instance.host,
-            port=instance.port,
-            method=ctx.method,
-            target=target,
-            headers=headers,
-            body=ctx.body,
-            connect_timeout=self._connect_timeout,
-            response_timeout=self._response_timeout,
+        return headers, target
+
+    def send(
+        self, ctx: RequestContext, instance: Instance, headers: Headers, target: bytes, body: IBody | None
+    ) -> Deferred[Response]:
+        """One try against ``instance``."""
+        ctx.upstream_address = instance.address
+        if ctx.host is None:
+            headers = [*headers, (b"host", instance.address.encode("ascii"))]
+        instance.in_flight += 1
+        d = self._client.request(
+            UpstreamRequest(
+                host=instance.host,
+                port=instance.port,
+                method=ctx.method,
+                target=target,
+                headers=headers,
+                body=body,
+                connect_timeout=self._connect_timeout,
+                response_timeout=self._response_timeout,
+            )
         )
-        d = self.upstream.client.request(request)
-        d.addCallback(self._response, ctx)
+        d.addCallbacks(self._received, self._failed, callbackArgs=(ctx, instance), errbackArgs=(instance,))
         return d
 
-    def _response(self, response: Response, ctx: RequestContext) -> Response:
+    def _received(self, response: Response, ctx: RequestContext, instance: Instance) -> Response:
+        self.upstream.observe(instance, "5xx" if response.status >= 500 else None)
+        body = response.body
+        if body is None:
+            instance.in_flight -= 1
+        else:
+            response.body = _InFlight(body, instance)
         drop = (
             _RESPONSE_DROP_NO_BODY
             if body_forbidden(ctx.method, response.status)
@@ -117,3 +224,91 @@ class Forwarder:
             headers = self._response_rules.apply(headers)
         response.headers = headers
         return response
+
+    def _failed(self, failure: Failure, instance: Instance) -> Failure:
+        instance.in_flight -= 1
+        kind = failure_kind(failure)
+        if kind is not None:
+            self.upstream.observe(instance, kind)
+        return failure
+
+
+class _Tries:
+    """One request's tries, for methods the retry policy covers."""
+
+    def __init__(self, forwarder: Forwarder, ctx: RequestContext, headers: Headers, target: bytes) -> None:
+        self._forwarder = forwarder
+        self._ctx = ctx
+        self._headers = headers
+        self._target = target
+        self._policy = forwarder._retry
+        self._body: ReplayableBody | None = None
+        if ctx.body is not None:
+            self._body = ReplayableBody(ctx.body)
+            ctx.body = self._body
+        self._tried: list[Instance] = []
+        self._count = 0
+        self._current: Deferred[Response] | None = None
+        self._waiting: IDelayedCall | None = None
+        self._result: Deferred[Response] = Deferred(self._cancel)
+
+    def start(self) -> Deferred[Response]:
+        self._forwarder._budget.earn()
+        self._next()
+        return self._result
+
+    def _next(self) -> None:
+        self._waiting = None
+        self._count += 1
+        forwarder = self._forwarder
+        try:
+            instance = forwarder.upstream.pick(self._ctx, self._tried)
+        except GatewayError as error:
+            self._result.errback(Failure(error))
+            return
+        self._tried.append(instance)
+        body = self._body.fresh() if self._body is not None else None
+        d = self._current = forwarder.send(self._ctx, instance, self._headers, self._target, body)
+        d.addCallbacks(self._received, self._failed)
+
+    def _may_retry(self) -> bool:
+        if self._count >= self._policy.attempts:
+            return False
+        if self._body is not None and not self._body.replayable:
+            return False
+        return self._forwarder._budget.spend()
+
+    def _later(self) -> None:
+        delay = self._policy.backoff(self._count)
+        self._waiting = self._forwarder._clock.callLater(delay, self._next)
+
+    def _received(self, response: Response) -> None:
+        self._current = None
+        if self._result.called:  # cancelled meanwhile
+            if response.body is not None:
+                response.body.stopProducing()
+            return
+        if self._policy.retry_status(response.status) and self._may_retry():
+            if response.body is not None:
+                response.body.stopProducing()
+            self._later()
+            return
+        self._result.callback(response)
+
+    def _failed(self, failure: Failure) -> None:
+        self._current = None
+        if self._result.called:  # cancelled meanwhile
+            return
+        kind = failure_kind(failure)
+        if kind is not None and self._policy.retry_kind(kind) and self._may_retry():
+            self._later()
+            return
+        self._result.errback(failure)
+
+    def _cancel(self, result: Deferred[Response]) -> None:
+        if self._waiting is not None and self._waiting.active():
+            self._waiting.cancel()
+        self._waiting = None
+        if self._current is not None:
+            current, self._current = self._current, None
+            current.cancel()

@@ -19,7 +19,9 @@ from txgateway.errors import ServiceUnavailable
 from txgateway.interfaces import IUpstreamClient
 from txgateway.pipeline.context import RequestContext
 from txgateway.upstream.balancer import balancer_for
+from txgateway.upstream.breaker import CircuitBreaker
 from txgateway.upstream.instance import Instance
+from txgateway.upstream.retry import RetryBudget, RetryPolicy
 
 
 class Observer(Protocol):
@@ -40,6 +42,11 @@ class Upstream:
         self.instances: list[Instance] = [Instance(s.host, s.port, s.weight) for s in config.servers]
         self.available: list[Instance] = list(self.instances)
         self._balancer = balancer_for(config, self.instances)
+        self.retry = RetryPolicy(config.retry)
+        self.retry_budget = RetryBudget(config.retry.budget_ratio)
+        self.breaker = (
+            CircuitBreaker(config.name, config.circuit_breaker, clock) if config.circuit_breaker is not None else None
+        )
         #: Passive outlier detection, set by the health module when configured.
         self.observer: Observer | None = None
         #: Called after ``available`` changes (readiness, metrics).
