@@ -235,6 +235,8 @@ class CacheConfig:
     storage: str = "memory"
     max_bytes: int = 64 * MiB
     max_object_bytes: int = 1 * MiB
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)

@@ -1199,7 +1199,7 @@ def _middleware(b: _Block) -> model.MiddlewareConfig:
         enabled=b.get("enabled", to_bool, True),
         auth=_auth(b.block("auth", _AUTH_KEYS)) if b.given("auth") else _AUTH,
         rate_limit=rate_limit,
-        cache=_cache(b.block("cache", ("enabled", "storage", "max_bytes", "max_object_bytes"))),
+        cache=_cache(b.block("cache", ("enabled", "storage", "max_bytes", "max_object_bytes", "redis"))),
         cors=cors,
     )
 
@@ -1401,11 +1401,14 @@ def _cache(b: _Block) -> model.CacheConfig:
     max_object = b.get("max_object_bytes", size(positive=True), _CACHE.max_object_bytes)
     if max_object > max_bytes:
         b.ctx.problem(b.at("max_object_bytes"), f"must be <= max_bytes ({max_bytes}), got {max_object}")
+    redis = b.block("redis", ("url", "timeout"))
     return model.CacheConfig(
         enabled=b.get("enabled", to_bool, _CACHE.enabled),
         storage=b.get("storage", choice(("memory", "redis")), _CACHE.storage),
         max_bytes=max_bytes,
         max_object_bytes=max_object,
+        redis_url=redis.get("url", to_url(("redis", "rediss", "unix")), _CACHE.redis_url),
+        redis_timeout=redis.get("timeout", duration(positive=True), _CACHE.redis_timeout),
     )
 
 

@@ -23,6 +23,7 @@ StageFactory = Callable[[RouteConfig, GatewayConfig, Runtime], "Middleware | Non
 
 def _stages() -> tuple[tuple[str, StageFactory], ...]:
     from txgateway.auth.middleware import for_route as auth
+    from txgateway.cache.middleware import for_route as cache
     from txgateway.pipeline.cors import for_route as cors
     from txgateway.pipeline.custom import for_route as custom
     from txgateway.ratelimit.middleware import for_route as rate_limit
@@ -32,6 +33,7 @@ def _stages() -> tuple[tuple[str, StageFactory], ...]:
         ("auth", auth),
         ("rate_limit", rate_limit),
         ("custom", custom),
+        ("cache", cache),
     )
 
 
