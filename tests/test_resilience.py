@@ -349,3 +349,110 @@ class FallbackTests(SynchronousTestCase):
         harness = GatewayHarness(parse_config(config(attempts=1, fallback=self.STATIC)), upstream)
         response = harness.request("GET", "/users/1")
         self.assertEqual((response.status, response.body), (404, b"no such user"))
+
+
+@implementer(IBodySink)
+class Sink:
+    def __init__(self) -> None:
+        self.data = b""
+        self.finished = False
+        self.aborted: object = None
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def abort(self, reason: object) -> None:
+        self.aborted = reason
+
+
+class HeldBody:
+    """An upstream response body the test feeds by hand."""
+
+    def __init__(self) -> None:
+        self.length: int | None = None
+        self.sink: IBodySink | None = None
+        self.stopped = False
+
+    def deliverTo(self, sink: IBodySink) -> None:
+        self.sink = sink
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class ResponseTimeoutTests(SynchronousTestCase):
+    """timeouts.idle and timeouts.total on a streaming response."""
+
+    def respond(self, timeouts: str) -> tuple[Clock, HeldBody, Sink, object]:
+        from twisted.internet.defer import succeed
+
+        from txgateway.gateway import Gateway
+        from txgateway.messages import Response
+        from txgateway.pipeline.context import RequestContext
+        from txgateway.runtime import Runtime
+
+        clock = Clock()
+        body = HeldBody()
+
+        class Client:
+            def request(self, request: object) -> object:
+                return succeed(Response(200, [], body))  # type: ignore[arg-type]
+
+            def close(self) -> object:
+                return succeed(None)
+
+        config = parse_config(
+            f"""
+upstreams:
+  up: {{servers: ["10.0.0.1:80"], timeouts: {timeouts}}}
+routes:
+  - {{name: all, match: {{path: "/*"}}, upstream: up}}
+"""
+        )
+        gateway = Gateway(config, lambda c: Client(), Runtime(clock, clock))  # type: ignore[arg-type,return-value]
+        ctx = RequestContext(b"GET", "/x", b"", [], client_ip="192.0.2.1", started=clock.seconds())
+        response = self.successResultOf(gateway.handle(ctx))
+        sink = Sink()
+        response.body.deliverTo(sink)  # type: ignore[union-attr]
+        return clock, body, sink, gateway.upstreams["up"].instances[0]
+
+    def test_idle_upstream_body_is_cut(self) -> None:
+        clock, body, sink, instance = self.respond("{idle: 5}")
+        assert body.sink is not None
+        for _ in range(4):  # 16 s of a slow but live stream
+            clock.advance(4)
+            body.sink.write(b"tick")
+        self.assertIsNone(sink.aborted)
+        clock.advance(5)
+        self.assertIsInstance(sink.aborted.value, UpstreamTimeout)  # type: ignore[attr-defined]
+        self.assertTrue(body.stopped, "the upstream connection is given up, not pooled")
+        self.assertEqual(instance.in_flight, 0)  # type: ignore[attr-defined]
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_total_cuts_a_live_stream(self) -> None:
+        clock, body, sink, _ = self.respond("{idle: 5, total: 10}")
+        assert body.sink is not None
+        for _ in range(3):
+            clock.advance(3)
+            body.sink.write(b"tick")
+        self.assertIsNone(sink.aborted)
+        clock.advance(1)
+        self.assertIn("exchange timeout", str(sink.aborted.value))  # type: ignore[attr-defined]
+
+    def test_finished_body_leaves_no_timer(self) -> None:
+        clock, body, sink, instance = self.respond("{idle: 5}")
+        assert body.sink is not None
+        body.sink.write(b"all")
+        body.sink.finish()
+        self.assertTrue(sink.finished)
+        self.assertEqual(instance.in_flight, 0)  # type: ignore[attr-defined]
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -105,8 +105,15 @@ class RetryConfig:
 @dataclass(frozen=True, slots=True)
 class TimeoutsConfig:
     connect: float = 2.0
-    #: Until the response head arrives.
+    #: Until the response head arrives, counted from the end of the request
+    #: body (and the most time between request-body pieces while sending).
     request: float = 30.0
+    #: The most time between response-body bytes from the upstream (a client
+    #: that reads slowly does not count); past it the response is cut.
+    idle: float = 60.0
+    #: The whole exchange, request start to response end; None: no limit
+    #: (streams such as SSE run as long as they stay within ``idle``).
+    total: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -824,7 +824,7 @@ def _upstream(b: _Block, name: str, names: Sequence[str]) -> model.UpstreamConfi
         if b.given("circuit_breaker")
         else None,
         retry=_retry(b.block("retry", _RETRY_KEYS)),
-        timeouts=_timeouts(b.block("timeouts", ("connect", "request"))),
+        timeouts=_timeouts(b.block("timeouts", ("connect", "request", "idle", "total"))),
         pool=_pool(b.block("pool", ("max_connections_per_host", "idle_timeout"))),
         fallback=_fallback(b.block("fallback", ("status", "body", "content_type", "upstream")), name, names)
         if b.given("fallback")
@@ -949,6 +949,8 @@ def _timeouts(b: _Block) -> model.TimeoutsConfig:
     return model.TimeoutsConfig(
         connect=b.get("connect", duration(positive=True), _TIMEOUTS.connect),
         request=b.get("request", duration(positive=True), _TIMEOUTS.request),
+        idle=b.get("idle", duration(positive=True), _TIMEOUTS.idle),
+        total=b.get("total", duration(positive=True), _TIMEOUTS.total),
     )
 
 

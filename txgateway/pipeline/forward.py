@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txgateway.config.model import HeaderOps, RouteConfig
-from txgateway.errors import GatewayError
+from txgateway.errors import GatewayError, UpstreamTimeout
 from txgateway.http11 import HOP_BY_HOP, body_forbidden, connection_tokens
 from txgateway.interfaces import IBody, IBodySink
 from txgateway.messages import Response, UpstreamRequest
@@ -81,29 +81,84 @@ def failure_kind(failure: Failure) -> str | None:
 
 @implementer(IBody)
 class _InFlight:
-    """Passes a response body through and releases its instance's in-flight slot at the end."""
+    """Passes a response body through, watching it.
 
-    __slots__ = ("_body", "_instance", "_sink", "length")
+    Releases the instance's in-flight slot when the body ends, and cuts the
+    response when the upstream sends nothing for ``idle`` seconds (a paused
+    body, waiting on a slow client, is not idle) or when the ``deadline`` of
+    the whole exchange passes.  Timers start only when the body does not end
+    at once, so a small response pays nothing for them.
+    """
 
-    def __init__(self, body: IBody, instance: Instance) -> None:
+    __slots__ = ("_body", "_clock", "_deadline", "_idle", "_instance", "_paused", "_sink", "_timer", "length")
+
+    def __init__(
+        self, body: IBody, instance: Instance, clock: IReactorTime, idle: float, deadline: float | None
+    ) -> None:
         self._body = body
         self._instance: Instance | None = instance
         self._sink: IBodySink | None = None
+        self._clock = clock
+        self._idle = idle
+        self._deadline = deadline
+        self._timer: IDelayedCall | None = None
+        self._paused = False
         self.length = body.length
 
     def _release(self) -> None:
         instance, self._instance = self._instance, None
         if instance is not None:
             instance.in_flight -= 1
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _arm(self) -> None:
+        if self._instance is None or self._paused:
+            return
+        delay = self._idle
+        if self._deadline is not None:
+            delay = min(delay, self._deadline - self._clock.seconds())
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(max(0.0, delay))
+        else:
+            self._timer = self._clock.callLater(max(0.0, delay), self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._instance is None:
+            return
+        if self._deadline is not None and self._clock.seconds() >= self._deadline:
+            message = "upstream response exceeded the exchange timeout"
+        else:
+            message = f"upstream sent no response bytes for {self._idle:g}s"
+        sink, self._sink = self._sink, None
+        self._release()
+        self._body.stopProducing()
+        if sink is not None:
+            sink.abort(Failure(UpstreamTimeout(message)))
 
     def deliverTo(self, sink: IBodySink) -> None:
         self._sink = sink
         self._body.deliverTo(_InFlightSink(self))
+        if self._instance is not None:  # not over already
+            self._arm()
 
     def pauseProducing(self) -> None:
+        self._paused = True
+        timer = self._timer
+        if timer is not None and timer.active():
+            if self._deadline is None:
+                timer.cancel()
+                self._timer = None
+            else:  # a slow client is not idleness, but the deadline still holds
+                timer.reset(max(0.0, self._deadline - self._clock.seconds()))
         self._body.pauseProducing()
 
     def resumeProducing(self) -> None:
+        self._paused = False
+        self._arm()
         self._body.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -119,9 +174,11 @@ class _InFlightSink:
         self._owner = owner
 
     def write(self, data: bytes) -> None:
-        sink = self._owner._sink
-        if sink is not None:
-            sink.write(data)
+        owner = self._owner
+        if owner._timer is not None:
+            owner._arm()
+        if owner._sink is not None:
+            owner._sink.write(data)
 
     def finish(self) -> None:
         owner = self._owner
@@ -159,6 +216,10 @@ class Forwarder:
         self._response_rules = HeaderRules(route.response_headers)
         self._retry = upstream.retry
         self._budget = upstream.retry_budget
+        self._idle = upstream.config.timeouts.idle
+        self._total = upstream.config.timeouts.total
+        if self._total is not None:
+            self._response_timeout = min(self._response_timeout, self._total)
 
     def __call__(self, ctx: RequestContext) -> Deferred[Response]:
         headers, target = self._prepare(ctx)
@@ -210,7 +271,8 @@ class Forwarder:
         if body is None:
             instance.in_flight -= 1
         else:
-            response.body = _InFlight(body, instance)
+            deadline = None if self._total is None else ctx.started + self._total
+            response.body = _InFlight(body, instance, self._clock, self._idle, deadline)
         drop = (
             _RESPONSE_DROP_NO_BODY
             if body_forbidden(ctx.method, response.status)
