@@ -478,7 +478,7 @@ class UpstreamTests(ProblemTestCase):
     def test_timeouts_and_pool(self) -> None:
         self.assertProblems(
             "upstreams: {a: {servers: ['h:1'], timeouts: {connect: 0, read: 5}, pool: {max_connections_per_host: 0}}}",
-            "upstreams.a.timeouts.read: unknown key (expected one of: connect, request)",
+            "upstreams.a.timeouts.read: unknown key (expected one of: connect, request, idle, total)",
             "upstreams.a.timeouts.connect: must be > 0 seconds, got 0",
             "upstreams.a.pool.max_connections_per_host: must be >= 1, got 0",
             with_upstreams=False,
