@@ -182,3 +182,30 @@ class ErrorMappingTests(SynchronousTestCase):
         # Normalised to /api/users/1 and routed there, rewritten for the upstream.
         self.assertEqual(response.status, 200)
         self.assertEqual(self.upstream.requests[0].target, b"/v2/users/1")
+
+
+HASHED = """
+server:
+  trusted_proxies: ["10.0.0.0/8"]
+upstreams:
+  shards:
+    servers: ["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80", "10.1.0.4:80"]
+    load_balancer: consistent_hash
+    hash_key: ip
+routes:
+  - {name: all, match: {path: "/*"}, upstream: shards}
+"""
+
+
+class ClientAddressTests(SynchronousTestCase):
+    def test_ip_hash_uses_the_client_behind_a_trusted_proxy(self) -> None:
+        upstream = MemoryUpstream(echo)
+        gateway = GatewayHarness(parse_config(HASHED), upstream, client_ip="10.0.0.5")
+        for client in range(40):
+            for _ in range(2):
+                gateway.request("GET", "/x", headers=[("x-forwarded-for", f"203.0.113.{client}")])
+        hosts = [r.host for r in upstream.requests]
+        # The same client always lands on the same shard...
+        self.assertTrue(all(hosts[i] == hosts[i + 1] for i in range(0, len(hosts), 2)))
+        # ...and different clients behind the one proxy spread over the shards.
+        self.assertGreater(len(set(hosts)), 1)

@@ -75,31 +75,33 @@ def context(
     client_ip: str = "198.51.100.7", headers: list[tuple[bytes, bytes]] | None = None, identity: object = None
 ) -> RequestContext:
     ctx = RequestContext(b"GET", "/", b"", headers or [], client_ip=client_ip)
+    # What Gateway.handle does once per request when trusted proxies are configured.
+    ctx.client_address = client_address(client_ip, ctx.headers, TRUSTED)
     ctx.identity = identity
     return ctx
 
 
 class KeyFunctionTests(SynchronousTestCase):
     def test_consumer(self) -> None:
-        key = key_function("consumer", TRUSTED)
+        key = key_function("consumer")
         self.assertEqual(key(context(identity=Identity("alice"))), "c:alice")
 
     def test_anonymous_consumer_falls_back_to_the_client_address(self) -> None:
-        key = key_function("consumer", TRUSTED)
+        key = key_function("consumer")
         self.assertEqual(key(context()), "ip:198.51.100.7")
         self.assertEqual(key(context("10.0.0.1", xff("1.1.1.1, 203.0.113.9"))), "ip:203.0.113.9")
 
     def test_consumer_cannot_collide_with_an_address(self) -> None:
-        key = key_function("consumer", TRUSTED)
+        key = key_function("consumer")
         self.assertNotEqual(key(context(identity=Identity("198.51.100.7"))), key(context()))
 
     def test_ip(self) -> None:
-        key = key_function("ip", TRUSTED)
+        key = key_function("ip")
         self.assertEqual(key(context(identity=Identity("alice"))), "ip:198.51.100.7")
         self.assertEqual(key(context("10.0.0.1", xff("203.0.113.9"))), "ip:203.0.113.9")
 
     def test_spoofing_attempts_all_land_in_one_bucket(self) -> None:
-        key = key_function("ip", TRUSTED)
+        key = key_function("ip")
         attempts = [
             context("198.51.100.7"),
             context("198.51.100.7", xff("1.2.3.4")),
@@ -111,31 +113,31 @@ class KeyFunctionTests(SynchronousTestCase):
         self.assertEqual({key(ctx) for ctx in attempts}, {"ip:198.51.100.7"})
 
     def test_ipv6_clients_are_counted_per_64(self) -> None:
-        key = key_function("ip", TRUSTED)
+        key = key_function("ip")
         first = key(context("2001:db8:1:2::1"))
         self.assertEqual(first, "ip:2001:db8:1:2::/64")
         self.assertEqual(key(context("2001:db8:1:2:ffff:ffff:ffff:ffff")), first)
         self.assertNotEqual(key(context("2001:db8:1:3::1")), first)
 
     def test_route(self) -> None:
-        key = key_function("route", TRUSTED)
+        key = key_function("route")
         self.assertEqual(key(context("1.1.1.1")), key(context("2.2.2.2", identity=Identity("bob"))))
 
     def test_header(self) -> None:
-        key = key_function("header:X-Tenant", TRUSTED)
+        key = key_function("header:X-Tenant")
         self.assertEqual(key(context(headers=[(b"x-tenant", b"acme")])), "h:acme")
 
     def test_missing_or_empty_header_falls_back_to_the_client_address(self) -> None:
-        key = key_function("header:x-tenant", TRUSTED)
+        key = key_function("header:x-tenant")
         self.assertEqual(key(context()), "ip:198.51.100.7")
         self.assertEqual(key(context(headers=[(b"x-tenant", b"")])), "ip:198.51.100.7")
 
     def test_long_header_values_are_hashed(self) -> None:
-        key = key_function("header:x-tenant", TRUSTED)
+        key = key_function("header:x-tenant")
         long_a = key(context(headers=[(b"x-tenant", b"a" * 10_000)]))
         long_b = key(context(headers=[(b"x-tenant", b"a" * 9_999 + b"b")]))
         self.assertLess(len(long_a), 100)
         self.assertNotEqual(long_a, long_b)
 
     def test_unknown_kind(self) -> None:
-        self.assertRaises(ValueError, key_function, "cookie:session", TRUSTED)
+        self.assertRaises(ValueError, key_function, "cookie:session")

@@ -255,7 +255,7 @@ class TierTests(SynchronousTestCase):
         config = parse_config(TIERS % (sha256("premium-key"), sha256("admin-key"), sha256("both-key")))
         rate_limit = config.middleware.rate_limit
         assert rate_limit is not None
-        return RateLimit("api", rate_limit, key_function("consumer", lambda ip: False), MemoryStore(Clock()))
+        return RateLimit("api", rate_limit, key_function("consumer"), MemoryStore(Clock()))
 
     def test_first_matching_tier_wins(self) -> None:
         limiter = self.limiter()
@@ -397,7 +397,7 @@ class StorageErrorTests(SynchronousTestCase):
             def decide(self, algorithm: Algorithm, key: str, timeout: float) -> Deferred[Decision]:
                 return fail(ZeroDivisionError())
 
-        limiter = RateLimit("r", config, key_function("route", lambda ip: False), MemoryStore(Clock()), Broken())
+        limiter = RateLimit("r", config, key_function("route"), MemoryStore(Clock()), Broken())
 
         def terminal(ctx: RequestContext) -> Deferred[Response]:
             raise AssertionError("must not be reached")

@@ -23,7 +23,7 @@ from txgateway.pipeline.breaker import BreakerStage
 from txgateway.pipeline.context import RequestContext
 from txgateway.pipeline.fallback import FallbackStage
 from txgateway.pipeline.forward import Forwarder
-from txgateway.pipeline.forwarded import trust_check
+from txgateway.pipeline.forwarded import client_address, trust_check
 from txgateway.pipeline.pipeline import Handler, assemble
 from txgateway.pipeline.request_id import RequestIds
 from txgateway.routing import Router
@@ -55,6 +55,7 @@ class Gateway:
             name: self._upstream(upstream, client_for) for name, upstream in config.upstreams.items()
         }
         is_trusted = trust_check(config.server.trusted_proxies)
+        self._behind_proxies = is_trusted if config.server.trusted_proxies else None
         default_limit = config.server.limits.max_body_bytes
         #: Per route name: its assembled chain and its request body limit.
         self._routes: dict[str, tuple[Handler, int]] = {}
@@ -104,6 +105,8 @@ class Gateway:
         without details, so no client ever sees a traceback.
         """
         ctx.request_id = self.request_ids.for_request(ctx.header(b"x-request-id"))
+        if self._behind_proxies is not None:
+            ctx.client_address = client_address(ctx.client_ip, ctx.headers, self._behind_proxies)
         method = ctx.method
         if self._preflight_routing and method == b"OPTIONS":
             # A CORS preflight is routed by the method it asks about, so it

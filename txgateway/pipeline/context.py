@@ -21,6 +21,7 @@ Headers = list[tuple[bytes, bytes]]
 class RequestContext:
     __slots__ = (
         "body",
+        "client_address",
         "client_ip",
         "client_port",
         "headers",
@@ -69,7 +70,11 @@ class RequestContext:
         self.scheme = scheme
         #: Host header (or :authority) as sent, None when absent.
         self.host = host
+        #: The socket peer's address.
         self.client_ip = client_ip
+        #: The real client: the peer, or behind ``server.trusted_proxies`` the
+        #: address X-Forwarded-For gives (set by ``Gateway.handle``).
+        self.client_address = client_ip
         self.client_port = client_port
         #: "http/1.1", "h2", "websocket": for logs and metrics.
         self.protocol = protocol

@@ -1,13 +1,14 @@
 """Who a request is counted against: the ``key`` of a rate limit.
 
-``key_function(spec, is_trusted)`` is built once per route at config load
+``key_function(spec)`` is built once per route at config load
 and returns, per request, the key's *subject* as a short string whose prefix
 says what it is, so no value of one kind can collide with another:
 
 - ``consumer``: ``c:<consumer>`` (the authenticated identity); anonymous
   requests fall back to the client address.
 - ``ip``: ``ip:<address>``, the client address with ``server.trusted_proxies``
-  applied to X-Forwarded-For (:func:`~txgateway.pipeline.forwarded.client_address`).
+  applied to X-Forwarded-For (``ctx.client_address``, resolved once per
+  request by the gateway with :func:`~txgateway.pipeline.forwarded.client_address`).
   IPv6 clients are counted per /64, the block one subscriber normally holds,
   or every address of it would be a fresh key.
 - ``route``: ``route``, one key for every request of the route.
@@ -27,7 +28,6 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from txgateway.pipeline.context import RequestContext
-from txgateway.pipeline.forwarded import client_address, trust_check
 
 KeyFunction = Callable[[RequestContext], str]
 
@@ -35,9 +35,9 @@ KeyFunction = Callable[[RequestContext], str]
 MAX_VALUE_LENGTH = 128
 
 
-def key_function(spec: str, is_trusted: Callable[[str], bool]) -> KeyFunction:
+def key_function(spec: str) -> KeyFunction:
     """The key extractor for ``spec`` (consumer | ip | route | header:NAME)."""
-    address = address_function(is_trusted)
+    address = client_subject
 
     if spec == "consumer":
 
@@ -72,16 +72,12 @@ def key_function(spec: str, is_trusted: Callable[[str], bool]) -> KeyFunction:
     raise ValueError(f"unknown rate limit key {spec!r} (expected consumer, ip, route or header:NAME)")
 
 
-def address_function(is_trusted: Callable[[str], bool]) -> Callable[[RequestContext], str]:
-    """The client address as a rate-limit subject: XFF through trusted proxies, IPv6 per /64."""
-
-    def address(ctx: RequestContext) -> str:
-        ip = client_address(ctx.client_ip, ctx.headers, is_trusted)
-        if ":" in ip:
-            return ipv6_block(ip)
-        return ip
-
-    return address
+def client_subject(ctx: RequestContext) -> str:
+    """The client address as a rate-limit subject: ``ctx.client_address``, IPv6 per /64."""
+    ip = ctx.client_address
+    if ":" in ip:
+        return ipv6_block(ip)
+    return ip
 
 
 @lru_cache(maxsize=4096)
@@ -95,8 +91,3 @@ def ipv6_block(ip: str) -> str:
         return str(address.ipv4_mapped)
     return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
-
-@lru_cache(maxsize=64)
-def shared_trust_check(networks: tuple[str, ...]) -> Callable[[str], bool]:
-    """One cached trust predicate per set of trusted proxies, shared by the routes."""
-    return trust_check(networks)

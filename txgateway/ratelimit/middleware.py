@@ -45,7 +45,7 @@ from txgateway.messages import Response
 from txgateway.pipeline.context import RequestContext
 from txgateway.pipeline.pipeline import Handler
 from txgateway.ratelimit.decision import Algorithm, Decision, LocalStore, SharedStore, StorageError
-from txgateway.ratelimit.keys import KeyFunction, key_function, shared_trust_check
+from txgateway.ratelimit.keys import KeyFunction, key_function
 from txgateway.ratelimit.memory import MemoryStore
 from txgateway.ratelimit.redis import RedisStore
 from txgateway.ratelimit.sliding_window import SlidingWindow
@@ -242,7 +242,7 @@ def for_route(route: RouteConfig, config: GatewayConfig, runtime: Runtime) -> Ra
     rate_limit = route.rate_limit if route.rate_limit is not None else config.middleware.rate_limit
     if rate_limit is None or not rate_limit.enabled:
         return None
-    key = key_function(rate_limit.key, shared_trust_check(config.server.trusted_proxies))
+    key = key_function(rate_limit.key)
     local = runtime.shared(MEMORY_STORE, lambda: MemoryStore(runtime.clock))
     shared: SharedStore | None = None
     if rate_limit.storage == "redis":

@@ -225,8 +225,8 @@ class ConsistentHash:
     moves its own keys, each to the next instance clockwise.  Keys are hashed
     with crc32 (a tenth of blake2b's cost, and spreads as evenly: measured).
 
-    ``ip`` is ``ctx.client_ip`` as given: behind trusted proxies, the caller
-    puts the real client's address there.  A request without the key
+    ``ip`` is ``ctx.client_address``: the real client, behind trusted proxies
+    the address X-Forwarded-For gives.  A request without the key
     (header or cookie absent or empty, no client address) is served round
     robin among the candidates, as is any request when no instance on the
     ring is a candidate.
@@ -349,7 +349,7 @@ def _cookie_key(name: bytes) -> HashKey:
 
 
 def _ip_key(ctx: RequestContext) -> bytes | None:
-    return ctx.client_ip.encode("utf-8", "surrogatepass") or None
+    return ctx.client_address.encode("utf-8", "surrogatepass") or None
 
 
 def _path_key(ctx: RequestContext) -> bytes | None:
