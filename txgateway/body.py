@@ -11,11 +11,12 @@ from txgateway.interfaces import IBody, IBodySink
 class BytesBody:
     """A body whose bytes are all known up front (error pages, tests, demo)."""
 
-    __slots__ = ("_paused", "_sink", "_stopped", "data", "length")
+    __slots__ = ("_paused", "_sink", "_stopped", "data", "length", "trailers")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.length: int | None = len(data)
+        self.trailers: list[tuple[bytes, bytes]] = []
         self._sink: IBodySink | None = None
         self._paused = False
         self._stopped = False

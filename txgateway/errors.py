@@ -114,6 +114,50 @@ class UpstreamTimeout(GatewayTimeout):
     kind: ClassVar[str] = "timeout"
 
 
+#: gRPC status codes for the gateway's own answers (grpc/doc/statuscodes.md).
+GRPC_OK = 0
+_GRPC_BY_HTTP_STATUS: dict[int, int] = {
+    400: 13,  # INTERNAL: the request could not be parsed as gRPC
+    401: 16,  # UNAUTHENTICATED
+    403: 7,  # PERMISSION_DENIED
+    404: 12,  # UNIMPLEMENTED: no route for this method
+    405: 12,  # UNIMPLEMENTED
+    408: 4,  # DEADLINE_EXCEEDED
+    413: 8,  # RESOURCE_EXHAUSTED
+    429: 8,  # RESOURCE_EXHAUSTED: rate limited
+    431: 8,  # RESOURCE_EXHAUSTED
+    501: 12,  # UNIMPLEMENTED
+    502: 14,  # UNAVAILABLE: refused, reset, garbage
+    503: 14,  # UNAVAILABLE: breaker open, no healthy instance
+    504: 4,  # DEADLINE_EXCEEDED
+}
+
+
+def grpc_status(error: GatewayError) -> int:
+    """The gRPC status a gateway error becomes on a gRPC request."""
+    return _GRPC_BY_HTTP_STATUS.get(error.status, 13 if error.status >= 500 else 2)
+
+
+def render_grpc(error: GatewayError, request_id: str | None) -> Headers:
+    """The trailers-only answer of a gRPC request the gateway refuses.
+
+    HTTP status 200 with the gRPC status in the same header block (gRPC's
+    "Trailers-Only" form); ``grpc-message`` is percent-encoded as gRPC wants.
+    """
+    from urllib.parse import quote
+
+    headers: Headers = [
+        (b":status", b"200"),
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", str(grpc_status(error)).encode("ascii")),
+        (b"grpc-message", quote(error.message, safe=" ").encode("ascii")),
+    ]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode("ascii")))
+    headers.extend((n, v) for n, v in error.headers if n in (b"retry-after", b"www-authenticate"))
+    return headers
+
+
 def render_json(error: GatewayError, request_id: str | None) -> tuple[int, Headers, bytes]:
     """Status, headers and body of the JSON error answer of CONFIG.md."""
     body = json.dumps(

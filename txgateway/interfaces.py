@@ -41,6 +41,10 @@ class IBody(IPushProducer):
     """
 
     length = Attribute("Total length in bytes if known in advance (0: empty), else None.")
+    trailers = Attribute(
+        "Trailer fields [(lower-case name, value)] that followed the body; read once the sink's "
+        "finish() is called (empty when none). HTTP/2 and gRPC carry grpc-status here."
+    )
 
     def deliverTo(sink: IBodySink) -> None:
         """Start delivering to ``sink``; called at most once."""

@@ -52,6 +52,10 @@ class TeeBody:
 
     # IBody: the consumer's side.
 
+    @property
+    def trailers(self) -> list[tuple[bytes, bytes]]:
+        return getattr(self._source, "trailers", [])
+
     def deliverTo(self, sink: IBodySink) -> None:
         self._sink = sink
         self._source.deliverTo(self)

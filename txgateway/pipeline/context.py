@@ -24,6 +24,7 @@ class RequestContext:
         "client_address",
         "client_ip",
         "client_port",
+        "deadline",
         "headers",
         "host",
         "identity",
@@ -89,6 +90,9 @@ class RequestContext:
         self.identity: Any = None
         #: "host:port" of the instance that served the request.
         self.upstream_address: str | None = None
+        #: Clock time by which the client stops waiting (gRPC ``grpc-timeout``);
+        #: the upstream call never waits past it.  None: no deadline.
+        self.deadline: float | None = None
         #: Free-form facts middlewares record for the access log.
         self.notes: dict[str, object] | None = None
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -139,6 +139,10 @@ class _InFlight:
         if sink is not None:
             sink.abort(Failure(UpstreamTimeout(message)))
 
+    @property
+    def trailers(self) -> list[tuple[bytes, bytes]]:
+        return getattr(self._body, "trailers", [])
+
     def deliverTo(self, sink: IBodySink) -> None:
         self._sink = sink
         self._body.deliverTo(_InFlightSink(self))
@@ -249,6 +253,12 @@ class Forwarder:
         ctx.upstream_address = instance.address
         if ctx.host is None:
             headers = [*headers, (b"host", instance.address.encode("ascii"))]
+        response_timeout = self._response_timeout
+        if ctx.deadline is not None:
+            left = ctx.deadline - self._clock.seconds()
+            if left <= 0:
+                return fail(UpstreamTimeout("deadline exceeded before the upstream was called"))
+            response_timeout = min(response_timeout, left)
         instance.in_flight += 1
         d = self._client.request(
             UpstreamRequest(
@@ -259,7 +269,7 @@ class Forwarder:
                 headers=headers,
                 body=body,
                 connect_timeout=self._connect_timeout,
-                response_timeout=self._response_timeout,
+                response_timeout=response_timeout,
             )
         )
         d.addCallbacks(self._received, self._failed, callbackArgs=(ctx, instance), errbackArgs=(instance,))

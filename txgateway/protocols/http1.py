@@ -80,6 +80,7 @@ class RequestBody:
         "length",
         "max_bytes",
         "received",
+        "trailers",
     )
 
     def __init__(self, channel: HTTP11ServerProtocol, length: int | None, expect_continue: bool) -> None:
@@ -94,6 +95,8 @@ class RequestBody:
         self._buffered = 0
         self._error: Failure | None = None
         self._expect_continue = expect_continue
+        #: Chunked request trailers are not relayed over HTTP/1.1.
+        self.trailers: list[tuple[bytes, bytes]] = []
 
     # From the connection.
 

@@ -164,7 +164,7 @@ class ResponseBody:
     the upstream connection (it never goes back to the pool).
     """
 
-    __slots__ = ("_buffer", "_connection", "_failure", "_finished", "_paused", "_sink", "_started", "length")
+    __slots__ = ("_buffer", "_connection", "_failure", "_finished", "_paused", "_sink", "_started", "length", "trailers")
 
     def __init__(self, connection: HTTP11Connection | None, length: int | None) -> None:
         self.length = length
@@ -175,6 +175,8 @@ class ResponseBody:
         self._started = False
         self._finished = connection is None
         self._failure: Failure | None = None
+        #: HTTP/1.1 chunked trailers are not relayed (httptools does not report them).
+        self.trailers: list[tuple[bytes, bytes]] = []
 
     # The connection's side.
 

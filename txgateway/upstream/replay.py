@@ -56,6 +56,10 @@ class ReplayableBody:
 
     # IBody, for the first try.
 
+    @property
+    def trailers(self) -> list[tuple[bytes, bytes]]:
+        return getattr(self._original, "trailers", [])
+
     def deliverTo(self, sink: IBodySink) -> None:
         self._started = True
         self._sink = sink
@@ -122,6 +126,10 @@ class _Replay:
     def __init__(self, body: ReplayableBody) -> None:
         self._body = body
         self.length = body.length
+
+    @property
+    def trailers(self) -> list[tuple[bytes, bytes]]:
+        return getattr(self._body, "trailers", [])
 
     def deliverTo(self, sink: IBodySink) -> None:
         body = self._body
