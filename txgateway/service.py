@@ -13,7 +13,7 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -21,8 +21,9 @@ from txgateway.admin.resource import admin_site
 from txgateway.config.model import GatewayConfig, UpstreamConfig
 from txgateway.gateway import Gateway
 from txgateway.interfaces import IUpstreamClient
-from txgateway.protocols.http1 import HTTP11ServerFactory
+from txgateway.protocols.detect import GatewayServerFactory, tls_endpoint
 from txgateway.runtime import Runtime
+from txgateway.upstream.http2 import H2Client
 from txgateway.upstream.pool import HTTP11Client
 
 
@@ -41,10 +42,13 @@ class GatewayService(MultiService):
             reactor = default_reactor
         self.reactor = reactor
         self.config = config
-        self._clients: dict[str, HTTP11Client] = {}
+        self._clients: dict[str, IUpstreamClient] = {}
         self.runtime = Runtime(reactor)
         self.gateway = Gateway(config, self._client_for, self.runtime)
-        self.proxy_factory = HTTP11ServerFactory(lambda: self.gateway, reactor)
+        self.proxy_factory = GatewayServerFactory(lambda: self.gateway, reactor)
+        self.tls_factory = GatewayServerFactory(
+            lambda: self.gateway, reactor, scheme=b"https", counted_with=self.proxy_factory
+        )
         self.ports: list[IListeningPort] = []
         self.admin_port: IListeningPort | None = None
         self._listening = False
@@ -53,7 +57,11 @@ class GatewayService(MultiService):
     def _client_for(self, upstream: UpstreamConfig) -> IUpstreamClient:
         client = self._clients.get(upstream.name)
         if client is None:
-            client = self._clients[upstream.name] = HTTP11Client(self.reactor, upstream.pool)
+            if upstream.protocol in ("h2c", "grpc"):
+                client = H2Client(self.reactor, upstream.pool)
+            else:
+                client = HTTP11Client(self.reactor, upstream.pool)
+            self._clients[upstream.name] = client
         return client
 
     def readiness(self) -> str | None:
@@ -64,9 +72,13 @@ class GatewayService(MultiService):
             return "listeners not up"
         return None
 
-    def _listen(self, description: str, factory: Any) -> IListeningPort:
+    def _listen(
+        self, description: str, factory: Any, endpoint: IStreamServerEndpoint | None = None
+    ) -> IListeningPort:
         result: list[Any] = []
-        serverFromString(self.reactor, description).listen(factory).addBoth(result.append)
+        if endpoint is None:
+            endpoint = serverFromString(self.reactor, description)
+        endpoint.listen(factory).addBoth(result.append)
         if not result:
             raise ListenError(f"{description}: listener did not start synchronously")
         if isinstance(result[0], Failure):
@@ -81,6 +93,13 @@ class GatewayService(MultiService):
             self.admin_port = self._listen(self.config.admin.listen, admin)
             for description in self.config.server.listen:
                 self.ports.append(self._listen(description, self.proxy_factory))
+            tls = self.config.server.tls
+            if tls is not None:
+                try:
+                    endpoint = tls_endpoint(self.reactor, tls)
+                except Exception as error:  # noqa: BLE001 - unreadable cert/key: refuse to start
+                    raise ListenError(f"cannot load the TLS certificate/key of {tls.listen}: {error}") from None
+                self.ports.append(self._listen(tls.listen, self.tls_factory, endpoint))
         except ListenError as error:
             self.log.critical("{error}", error=error)
             print(f"txgateway: {error}", file=sys.stderr)

@@ -32,12 +32,27 @@ class TLSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HTTP2Config:
+    """Downstream HTTP/2 limits (``server.http2``), per connection."""
+
+    #: SETTINGS_MAX_CONCURRENT_STREAMS; a client opening more gets GOAWAY.
+    max_concurrent_streams: int = 100
+    #: SETTINGS_MAX_HEADER_LIST_SIZE and the HPACK decoded-size bound;
+    #: None: ``limits.max_header_bytes``.
+    max_header_list_size: int | None = None
+    #: RST_STREAM, PING, SETTINGS, PRIORITY, unknown and empty DATA frames a
+    #: client may send per second before GOAWAY(ENHANCE_YOUR_CALM) (Rapid Reset).
+    max_control_frames_per_second: int = 200
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     #: Twisted server endpoint strings, e.g. ``tcp:8080:interface=0.0.0.0``.
     listen: tuple[str, ...] = ("tcp:8080:interface=0.0.0.0",)
     workers: int = 1
     tls: TLSConfig | None = None
     limits: Limits = field(default_factory=Limits)
+    http2: HTTP2Config = field(default_factory=HTTP2Config)
     #: CIDR networks allowed to set X-Forwarded-For.
     trusted_proxies: tuple[str, ...] = ()
     shutdown_grace: float = 30.0

@@ -556,6 +556,7 @@ def _unique(items: Iterable[T]) -> list[T]:
 
 _LIMITS = model.Limits()
 _SERVER = model.ServerConfig()
+_HTTP2 = model.HTTP2Config()
 _ADMIN = model.AdminConfig()
 _HEALTH = model.HealthCheckConfig()
 _PASSIVE = model.PassiveHealthConfig()
@@ -637,7 +638,7 @@ def _in_file_order(problems: list[ConfigProblem], tree: object) -> list[ConfigPr
     return sorted(problems, key=rank)
 
 
-_SERVER_KEYS = ("listen_addr", "listen", "workers", "tls", "limits", "trusted_proxies", "shutdown_grace")
+_SERVER_KEYS = ("listen_addr", "listen", "workers", "tls", "limits", "http2", "trusted_proxies", "shutdown_grace")
 
 
 def _server(b: _Block) -> model.ServerConfig:
@@ -665,16 +666,26 @@ def _server(b: _Block) -> model.ServerConfig:
         header_timeout=lb.get("header_timeout", duration(positive=True), _LIMITS.header_timeout),
         idle_timeout=lb.get("idle_timeout", duration(positive=True), _LIMITS.idle_timeout),
     )
+    hb = b.block("http2", _HTTP2_KEYS)
+    http2 = model.HTTP2Config(
+        max_concurrent_streams=hb.get("max_concurrent_streams", int_range(1), _HTTP2.max_concurrent_streams),
+        max_header_list_size=hb.get("max_header_list_size", size(positive=True), _HTTP2.max_header_list_size),
+        max_control_frames_per_second=hb.get(
+            "max_control_frames_per_second", int_range(1), _HTTP2.max_control_frames_per_second
+        ),
+    )
     return model.ServerConfig(
         listen=listen,
         workers=workers,
         tls=tls,
         limits=limits,
+        http2=http2,
         trusted_proxies=b.items("trusted_proxies", to_network),
         shutdown_grace=b.get("shutdown_grace", duration(), _SERVER.shutdown_grace),
     )
 
 
+_HTTP2_KEYS = ("max_concurrent_streams", "max_header_list_size", "max_control_frames_per_second")
 _LIMIT_KEYS = ("max_header_bytes", "max_body_bytes", "max_connections", "header_timeout", "idle_timeout")
 
 

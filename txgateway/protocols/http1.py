@@ -639,7 +639,13 @@ class HTTP11ServerFactory(Factory):
     def limits(self) -> Limits:
         return self.gateway().config.server.limits
 
-    def buildProtocol(self, addr: object) -> HTTP11ServerProtocol | None:
+    def buildProtocol(self, addr: object) -> Protocol | None:
+        if not self.admit():
+            return None
+        return HTTP11ServerProtocol(self)
+
+    def admit(self) -> bool:
+        """Count a new connection, or refuse it past ``max_connections``."""
         if self.open_connections >= self.limits().max_connections:
             if not self._refused_logged:
                 self.log.warn(
@@ -647,10 +653,10 @@ class HTTP11ServerFactory(Factory):
                     count=self.open_connections,
                 )
                 self._refused_logged = True
-            return None
+            return False
         self._refused_logged = False
         self.open_connections += 1
-        return HTTP11ServerProtocol(self)
+        return True
 
     def connection_closed(self) -> None:
         self.open_connections -= 1
