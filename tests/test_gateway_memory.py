@@ -153,6 +153,14 @@ class ErrorMappingTests(SynchronousTestCase):
         self.assertEqual(self.gateway.request("POST", "/big/x", body=b"x" * 500).status, 200)
         self.assertEqual(self.gateway.request("POST", "/api/users/1", body=b"x" * 101).status, 405)
 
+    def test_grpc_streams_exempt_from_default_limit_but_not_a_routes_own(self) -> None:
+        grpc = [("content-type", "application/grpc")]
+        # Server-wide default (100 bytes) does not cap a gRPC stream's total...
+        self.assertEqual(self.gateway.request("PUT", "/api/users/1", headers=grpc, body=b"x" * 150).status, 200)
+        self.assertEqual(self.gateway.request("PUT", "/api/users/1", body=b"x" * 150).status, 413)
+        # ...a route's own max_body_bytes does.
+        self.assertEqual(self.gateway.request("POST", "/files/x", headers=grpc, body=b"x" * 11).status, 413)
+
     def test_upstream_failures_map_to_statuses(self) -> None:
         cases = [
             (UpstreamConnectError("refused"), 502, "bad_gateway"),

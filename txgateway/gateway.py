@@ -32,6 +32,11 @@ from txgateway.upstream.health import UpstreamHealth
 from txgateway.upstream.upstream import Upstream
 
 
+def _is_grpc(ctx: RequestContext) -> bool:
+    content_type = ctx.header(b"content-type")
+    return content_type is not None and content_type.startswith(b"application/grpc")
+
+
 class Gateway:
     log = Logger()
 
@@ -57,13 +62,14 @@ class Gateway:
         is_trusted = trust_check(config.server.trusted_proxies)
         self._behind_proxies = is_trusted if config.server.trusted_proxies else None
         default_limit = config.server.limits.max_body_bytes
-        #: Per route name: its assembled chain and its request body limit.
-        self._routes: dict[str, tuple[Handler, int]] = {}
+        #: Per route name: its assembled chain, its request body limit, and
+        #: whether that limit also bounds gRPC streams (only a route's own).
+        self._routes: dict[str, tuple[Handler, int, bool]] = {}
         for route in config.routes:
             terminal = self._terminal(route, is_trusted)
             limit = route.max_body_bytes if route.max_body_bytes is not None else default_limit
             chain = assemble(middlewares_for(route, config, runtime), terminal)
-            self._routes[route.name] = (chain, limit)
+            self._routes[route.name] = (chain, limit, route.max_body_bytes is not None)
 
     def _upstream(self, config: UpstreamConfig, client_for: Callable[[UpstreamConfig], IUpstreamClient]) -> Upstream:
         """The upstream for ``config``, shared by every generation with the same config
@@ -119,9 +125,12 @@ class Gateway:
             ctx.route = match.route
             ctx.params = match.params
             ctx.upstream_path = match.upstream_path
-            chain, limit = self._routes[match.route.name]
+            chain, limit, own_limit = self._routes[match.route.name]
             body = ctx.body
-            if body is not None:
+            if body is not None and (own_limit or not _is_grpc(ctx)):
+                # A gRPC stream is relayed message by message, never held, and
+                # may live for hours: the server-wide default does not cap its
+                # total; a route's own max_body_bytes does.
                 if body.length is not None and body.length > limit:
                     raise PayloadTooLarge(f"request body of {body.length} bytes exceeds {limit}")
                 body.max_bytes = limit

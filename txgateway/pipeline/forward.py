@@ -37,6 +37,8 @@ from txgateway.upstream.upstream import Upstream
 Headers = list[tuple[bytes, bytes]]
 
 VIA = b"1.1 txgateway"
+#: Via names the protocol version of the hop it describes (RFC 9110 7.6.3).
+VIA_H2 = b"2 txgateway"
 #: Request headers the gateway handles itself and never forwards.
 _REQUEST_DROP = HOP_BY_HOP | {b"expect", b"x-request-id", b"via"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"via", b"x-request-id"}
@@ -236,7 +238,7 @@ class Forwarder:
         headers = forwarded_headers(
             headers, ctx.client_ip, ctx.scheme, ctx.host, self._is_trusted(ctx.client_ip)
         )
-        via.append(VIA)
+        via.append(VIA_H2 if ctx.version[0] == 2 else VIA)
         headers.append((b"via", b", ".join(via)))
         headers.append((b"x-request-id", ctx.request_id.encode("ascii")))
         if self._request_rules:
@@ -289,7 +291,7 @@ class Forwarder:
             else _RESPONSE_DROP
         )
         headers, via = _strip(response.headers, drop)
-        via.append(VIA)
+        via.append(VIA_H2 if response.version[0] == 2 else VIA)
         headers.append((b"via", b", ".join(via)))
         headers.append((b"x-request-id", ctx.request_id.encode("ascii")))
         if self._response_rules:
