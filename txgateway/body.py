@@ -44,3 +44,21 @@ class BytesBody:
     def stopProducing(self) -> None:
         self._stopped = True
         self._sink = None
+
+
+@implementer(IBodySink)
+class _DiscardSink:
+    """Consumes a body nobody wants (HEAD, 204 and 304 responses)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def abort(self, reason: object) -> None:
+        pass
+
+
+#: A sink that drops whatever body it is given.
+DISCARD: IBodySink = _DiscardSink()

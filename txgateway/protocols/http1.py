@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txgateway.body import BytesBody
+from txgateway.body import DISCARD, BytesBody
 from txgateway.config.model import Limits
 from txgateway.errors import (
     BadRequest,
@@ -164,23 +164,6 @@ class RequestBody:
         self._buffer = []
         if self._channel is not None:
             self._channel.body_abandoned(self)
-
-
-@implementer(IBodySink)
-class _DiscardSink:
-    """Consumes a body nobody wants (HEAD, 204 and 304 responses)."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-    def abort(self, reason: object) -> None:
-        pass
-
-
-_DISCARD = _DiscardSink()
 
 
 @implementer(IBodySink)
@@ -463,7 +446,7 @@ class HTTP11ServerProtocol(Protocol):
         if body_forbidden(ctx.method, response.status):
             framing = b""
             if body is not None:
-                body.deliverTo(_DISCARD)
+                body.deliverTo(DISCARD)
                 body = None
         elif body is None:
             framing = b"content-length: 0\r\n"

@@ -52,7 +52,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txgateway.body import BytesBody
+from txgateway.body import DISCARD, BytesBody
 from txgateway.errors import (
     BadRequest,
     GatewayError,
@@ -339,23 +339,6 @@ class _StreamBody:
         self._sink = None
         self._release()
         self._protocol.flush()
-
-
-@implementer(IBodySink)
-class _DiscardSink:
-    """Consumes a body nobody wants (HEAD, 204 and 304 responses)."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-    def abort(self, reason: object) -> None:
-        pass
-
-
-_DISCARD = _DiscardSink()
 
 
 @implementer(IBodySink)
@@ -783,14 +766,14 @@ class HTTP2ServerProtocol(Protocol):
         status = response.status
         if stream.ctx.method == b"HEAD" or status in (204, 304):
             if body is not None:
-                body.deliverTo(_DISCARD)
+                body.deliverTo(DISCARD)
             headers = [(b":status", _STATUS[status]), *_fields(response.headers, _NOT_IN_H2_NO_BODY)]
             self._send_headers(stream, headers, True)
             self._response_complete(stream)
         elif body is None or (stream.grpc and any(n == b"grpc-status" for n, _ in response.headers)):
             # No body, or gRPC's Trailers-Only form: one HEADERS frame ends the stream.
             if body is not None:
-                body.deliverTo(_DISCARD)
+                body.deliverTo(DISCARD)
             headers = [(b":status", _STATUS.get(status) or b"%d" % status), *_fields(response.headers, _NOT_IN_H2)]
             self._send_headers(stream, headers, True)
             self._response_complete(stream)
