@@ -30,6 +30,7 @@ from txgateway.routing import Router
 from txgateway.runtime import Runtime
 from txgateway.upstream.health import UpstreamHealth
 from txgateway.upstream.upstream import Upstream
+from txgateway.upstream.websocket import ConnectionCounts, WebSocketConnector, WebSocketSettings
 
 
 def _is_grpc(ctx: RequestContext) -> bool:
@@ -62,6 +63,8 @@ class Gateway:
         is_trusted = trust_check(config.server.trusted_proxies)
         self._behind_proxies = is_trusted if config.server.trusted_proxies else None
         default_limit = config.server.limits.max_body_bytes
+        #: Open WebSocket connections per consumer, shared by this generation's routes.
+        self.websocket_counts: ConnectionCounts = runtime.shared(("websocket-counts",), ConnectionCounts)
         #: Per route name: its assembled chain, its request body limit, and
         #: whether that limit also bounds gRPC streams (only a route's own).
         self._routes: dict[str, tuple[Handler, int, bool]] = {}
@@ -102,7 +105,36 @@ class Gateway:
             if fallback.upstream is not None:
                 other = Forwarder(route, self.upstreams[fallback.upstream], is_trusted, clock)
             handler = FallbackStage(fallback, other).wrap(handler)
+        if route.websocket:
+            handler = self._websocket_dispatch(route, upstream, is_trusted, handler)
         return handler
+
+    def _websocket_dispatch(
+        self, route: RouteConfig, upstream: Upstream, is_trusted: Callable[[str], bool], http: Handler
+    ) -> Handler:
+        """On a websocket route, upgrades end at the WebSocket connector (inside the
+        upstream's breaker), everything else at the HTTP forwarder."""
+        from twisted.internet import reactor
+
+        cors = self.config.middleware.cors if self.config.middleware.enabled else None
+        connector: Handler = WebSocketConnector(
+            route,
+            upstream,
+            is_trusted,
+            reactor,
+            self.websocket_counts,
+            cors.allow_origins if cors is not None else None,
+            WebSocketSettings(),
+        )
+        if upstream.breaker is not None:
+            connector = BreakerStage(upstream.breaker).wrap(connector)
+
+        def dispatch(ctx: RequestContext) -> Deferred[Response]:
+            if ctx.protocol == "websocket":
+                return connector(ctx)
+            return http(ctx)
+
+        return dispatch
 
     def handle(self, ctx: RequestContext) -> Deferred[Response]:
         """Route and run the chain; fails only with a GatewayError.
@@ -123,6 +155,8 @@ class Gateway:
         try:
             match = self.router.match(method.decode("latin-1"), ctx.host, ctx.path, ctx.headers)
             ctx.route = match.route
+            if ctx.protocol == "websocket" and not match.route.websocket:
+                ctx.protocol = "http/1.1"  # served as plain HTTP, as before
             ctx.params = match.params
             ctx.upstream_path = match.upstream_path
             chain, limit, own_limit = self._routes[match.route.name]

@@ -55,6 +55,8 @@ from txgateway.http11 import (
 from txgateway.interfaces import IBody, IBodySink, IRequestBody
 from txgateway.messages import Response
 from txgateway.pipeline.context import RequestContext
+from txgateway.protocols.websocket import take_over
+from txgateway.upstream.websocket import WebSocketUpgrade
 
 if TYPE_CHECKING:
     from txgateway.gateway import Gateway
@@ -194,7 +196,17 @@ class _ResponseWriter:
 class _Exchange:
     """One request/response on the connection."""
 
-    __slots__ = ("body", "close_delimited", "ctx", "deferred", "finished", "keep_alive", "responded", "response_body")
+    __slots__ = (
+        "body",
+        "close_delimited",
+        "ctx",
+        "deferred",
+        "finished",
+        "keep_alive",
+        "raw",
+        "responded",
+        "response_body",
+    )
 
     def __init__(self, ctx: RequestContext, body: RequestBody | None, keep_alive: bool) -> None:
         self.ctx = ctx
@@ -206,6 +218,8 @@ class _Exchange:
         self.finished = False
         #: The body ends when the connection closes: truncation must be a reset.
         self.close_delimited = False
+        #: A WebSocket upgrade: the request's bytes as received, for Autobahn's handshake.
+        self.raw: bytes | None = None
 
 
 class HTTP11ServerProtocol(Protocol):
@@ -230,6 +244,13 @@ class HTTP11ServerProtocol(Protocol):
         self._closing = False
         self._lost = False
         self._pending_error: GatewayError | None = None
+        #: Raw bytes since the last message boundary (for WebSocket upgrades), and
+        #: whether they start exactly at the request being parsed.
+        self._raw = b""
+        self._raw_begins = 0
+        self._upgrade: _Exchange | None = None
+        #: The WebSocket protocol that took this connection over.
+        self._handoff: Protocol | None = None
 
     # Connection lifecycle.
 
@@ -240,6 +261,10 @@ class HTTP11ServerProtocol(Protocol):
         self._set_timer(self.limits.header_timeout, self._idle_expired)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self._handoff is not None:
+            # The transport could not be rewired: relay.
+            self._handoff.connectionLost(reason)
+            return
         self._lost = True
         self._cancel_timer()
         self.factory.connection_closed()
@@ -264,16 +289,41 @@ class HTTP11ServerProtocol(Protocol):
     # Reading.
 
     def dataReceived(self, data: bytes) -> None:
+        if self._handoff is not None:
+            self._handoff.dataReceived(data)
+            return
+        upgrading = self._upgrade
+        if upgrading is not None and upgrading.raw is not None:
+            # Bytes after an upgrade request, before the pipeline decided: held
+            # for the WebSocket protocol (reading is paused meanwhile).
+            upgrading.raw += data
+            return
         if self._closing:
             return
+        if self._in_head:
+            self._raw += data
+        elif self._incoming is None:
+            self._raw, self._raw_begins = data, 0
+        else:
+            self._raw, self._raw_begins = b"", 2  # mid-body: not usable, rebuilt if needed
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            # An Upgrade this route does not take (WebSocket routes come with
-            # the WebSocket work): the request was served as plain HTTP, go on
-            # parsing what follows as HTTP.
             rest = data[upgrade.args[0] :] if upgrade.args else b""
-            if rest:
+            exchange, self._upgrade = self._upgrade, None
+            if exchange is not None and exchange.ctx.protocol == "websocket" and not self._closing:
+                # A WebSocket upgrade on a WebSocket route: HTTP parsing ends
+                # here; the pipeline's answer decides what the bytes become.
+                end = len(self._raw) - len(rest)
+                exchange.raw = (self._raw[:end] if self._raw_begins == 1 else self._rebuild(exchange)) + rest
+                self._upgrade = exchange
+                self._raw = b""
+                self.pause_reading("upgrade")
+                return
+            # An Upgrade this route does not take: the request was served as
+            # plain HTTP, go on parsing what follows as HTTP.
+            self._raw = b""
+            if rest and not self._closing:
                 self.dataReceived(rest)
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
@@ -286,6 +336,7 @@ class HTTP11ServerProtocol(Protocol):
             self._reject(BadRequest(f"malformed request: {error.args[0] if error.args else 'parse error'}"))
 
     def on_message_begin(self) -> None:
+        self._raw_begins += 1
         self._url = b""
         self._headers = []
         self._head_bytes = 0
@@ -353,12 +404,29 @@ class HTTP11ServerProtocol(Protocol):
             started=self._clock.seconds(),
         )
         exchange = _Exchange(ctx, body, parser.should_keep_alive())
+        if parser.should_upgrade() and method == b"GET" and _is_websocket_upgrade(headers):
+            # Gateway.handle turns it back into plain HTTP on a route without websocket.
+            ctx.protocol = "websocket"
+            self._upgrade = exchange
         self._incoming = exchange if body is not None else None
         if self._current is None:
             self._dispatch(exchange)
         else:
             self._queue.append(exchange)
             self.pause_reading("pipeline")
+
+    def _rebuild(self, exchange: _Exchange) -> bytes:
+        """The upgrade request's head, when its raw bytes could not be kept (pipelined)."""
+        ctx = exchange.ctx
+        target = self._url
+        return (
+            ctx.method
+            + b" "
+            + target
+            + b" HTTP/1.1\r\n"
+            + b"".join(name + b": " + value + b"\r\n" for name, value in ctx.headers)
+            + b"\r\n"
+        )
 
     def _absolute_form(self, url: bytes, host: str | None) -> tuple[bytes, bytes, str | None]:
         """``http://host/path?q`` (RFC 9112 3.2.2): the URL's host wins over Host."""
@@ -431,7 +499,16 @@ class HTTP11ServerProtocol(Protocol):
         if exchange.responded or self._lost or self.transport is None:
             if response.body is not None:
                 response.body.stopProducing()
+            if isinstance(response, WebSocketUpgrade):
+                response.upstream_protocol.dropConnection(abort=True)
             return
+        if isinstance(response, WebSocketUpgrade):
+            self._take_over(exchange, response)
+            return
+        if exchange.ctx.protocol == "websocket":
+            # A refused upgrade: the connection carries nothing after the answer.
+            exchange.keep_alive = False
+            self._upgrade = None
         exchange.responded = True
         ctx = exchange.ctx
         body = response.body
@@ -477,6 +554,27 @@ class HTTP11ServerProtocol(Protocol):
             exchange.response_body = body
             transport.registerProducer(body, True)  # type: ignore[attr-defined]
             body.deliverTo(_ResponseWriter(self, exchange, chunked))
+
+    def _take_over(self, exchange: _Exchange, upgrade: WebSocketUpgrade) -> None:
+        """The pipeline accepted a WebSocket upgrade: Autobahn gets the connection."""
+        exchange.responded = exchange.finished = True
+        self._closing = True
+        self._cancel_timer()
+        self._upgrade = None
+        self._queue.clear()
+        self._current = None
+        transport = self.transport
+        raw = exchange.raw or self._rebuild(exchange)
+        protocol = take_over(transport, upgrade, raw, self._clock, self.factory.connection_closed)
+        self._handoff = protocol
+        # tcp.Server calls .protocol, TLSMemoryBIOProtocol .wrappedProtocol.
+        if getattr(transport, "protocol", None) is self:
+            transport.protocol = protocol  # type: ignore[union-attr]
+        elif getattr(transport, "wrappedProtocol", None) is self:
+            transport.wrappedProtocol = protocol  # type: ignore[union-attr]
+        if self._pause_reasons and transport is not None:
+            self._pause_reasons.clear()
+            transport.resumeProducing()  # type: ignore[attr-defined]
 
     def response_finished(self, exchange: _Exchange) -> None:
         if exchange.finished:
@@ -602,6 +700,10 @@ class HTTP11ServerProtocol(Protocol):
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
+
+
+def _is_websocket_upgrade(headers: Headers) -> bool:
+    return any(name == b"upgrade" and b"websocket" in value.lower() for name, value in headers)
 
 
 class HTTP11ServerFactory(Factory):
