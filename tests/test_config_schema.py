@@ -187,6 +187,34 @@ class ServerTests(ProblemTestCase):
         )
         self.assertEqual((limits.header_timeout, limits.idle_timeout), (2.5, 60.0))
 
+    def test_websocket(self) -> None:
+        self.assertEqual(load("{}", with_upstreams=False).server.websocket.max_message_bytes, 1024 * 1024)
+        ws = load(
+            "server: {websocket: {max_message_bytes: 64KiB, open_handshake_timeout: 5, idle_timeout: 2m,"
+            " ping_interval: 0, max_messages_per_second: 50, max_connections_per_consumer: 3}}"
+        ).server.websocket
+        self.assertEqual(
+            (
+                ws.max_message_bytes,
+                ws.open_handshake_timeout,
+                ws.idle_timeout,
+                ws.ping_interval,
+                ws.max_messages_per_second,
+                ws.max_connections_per_consumer,
+            ),
+            (64 * 1024, 5.0, 120.0, 0.0, 50, 3),
+        )
+
+    def test_websocket_problems(self) -> None:
+        self.assertProblems(
+            "server: {websocket: {idle_timout: 5, max_messages_per_second: 0}}",
+            "server.websocket.idle_timout: unknown key (did you mean 'idle_timeout'?)",
+            "server.websocket.max_messages_per_second: must be >= 1, got 0",
+        )
+        self.assertProblems(
+            "server: {websockets: {}}", "server.websockets: unknown key (did you mean 'websocket'?)"
+        )
+
     def test_limit_problems(self) -> None:
         self.assertProblems(
             "server: {limits: {max_body_bytes: lots, max_header_bytes: 0, max_connections: 1.5,"

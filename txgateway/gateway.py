@@ -30,7 +30,7 @@ from txgateway.routing import Router
 from txgateway.runtime import Runtime
 from txgateway.upstream.health import UpstreamHealth
 from txgateway.upstream.upstream import Upstream
-from txgateway.upstream.websocket import ConnectionCounts, WebSocketConnector, WebSocketSettings
+from txgateway.upstream.websocket import ConnectionCounts, OpenRelays, WebSocketConnector, WebSocketSettings
 
 
 def _is_grpc(ctx: RequestContext) -> bool:
@@ -65,6 +65,8 @@ class Gateway:
         default_limit = config.server.limits.max_body_bytes
         #: Open WebSocket connections per consumer, shared by this generation's routes.
         self.websocket_counts: ConnectionCounts = runtime.shared(("websocket-counts",), ConnectionCounts)
+        #: Open WebSocket relays (downstream protocols), closed with 1001 at shutdown.
+        self.websocket_relays: OpenRelays = runtime.shared(("websocket-relays",), OpenRelays)
         #: Per route name: its assembled chain, its request body limit, and
         #: whether that limit also bounds gRPC streams (only a route's own).
         self._routes: dict[str, tuple[Handler, int, bool]] = {}
@@ -124,7 +126,8 @@ class Gateway:
             reactor,
             self.websocket_counts,
             cors.allow_origins if cors is not None else None,
-            WebSocketSettings(),
+            WebSocketSettings.from_config(self.config.server.websocket),
+            self.websocket_relays,
         )
         if upstream.breaker is not None:
             connector = BreakerStage(upstream.breaker).wrap(connector)

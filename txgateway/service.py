@@ -126,6 +126,8 @@ class GatewayService(MultiService):
     def stopService(self) -> Deferred[Any]:
         self._stopping = True
         self._listening = False
+        # Open WebSockets first, while their sockets are still up: 1001 to client and upstream.
+        self.gateway.websocket_relays.close_all()
         stops: list[Deferred[Any]] = [super().stopService()]
         ports, self.ports = self.ports, []
         for port in ports:

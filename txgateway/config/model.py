@@ -46,6 +46,24 @@ class HTTP2Config:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketConfig:
+    """Downstream WebSocket limits (``server.websocket``), per connection unless noted."""
+
+    #: Maximum message (and frame) payload, both directions; larger: close 1009.
+    max_message_bytes: int = 1024 * 1024
+    #: Seconds for an opening handshake (upstream and downstream).
+    open_handshake_timeout: float = 10.0
+    #: Seconds without a message either way before both sides are closed (1001).
+    idle_timeout: float = 300.0
+    #: Seconds between keep-alive pings to the client (0: none).
+    ping_interval: float = 30.0
+    #: Messages per second the client may send before it is closed with 1008.
+    max_messages_per_second: int = 1000
+    #: Open WebSockets per consumer (or client address when anonymous); more: 429.
+    max_connections_per_consumer: int = 100
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     #: Twisted server endpoint strings, e.g. ``tcp:8080:interface=0.0.0.0``.
     listen: tuple[str, ...] = ("tcp:8080:interface=0.0.0.0",)
@@ -53,6 +71,7 @@ class ServerConfig:
     tls: TLSConfig | None = None
     limits: Limits = field(default_factory=Limits)
     http2: HTTP2Config = field(default_factory=HTTP2Config)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     #: CIDR networks allowed to set X-Forwarded-For.
     trusted_proxies: tuple[str, ...] = ()
     shutdown_grace: float = 30.0

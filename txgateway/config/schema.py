@@ -557,6 +557,7 @@ def _unique(items: Iterable[T]) -> list[T]:
 _LIMITS = model.Limits()
 _SERVER = model.ServerConfig()
 _HTTP2 = model.HTTP2Config()
+_WEBSOCKET = model.WebSocketConfig()
 _ADMIN = model.AdminConfig()
 _HEALTH = model.HealthCheckConfig()
 _PASSIVE = model.PassiveHealthConfig()
@@ -638,7 +639,17 @@ def _in_file_order(problems: list[ConfigProblem], tree: object) -> list[ConfigPr
     return sorted(problems, key=rank)
 
 
-_SERVER_KEYS = ("listen_addr", "listen", "workers", "tls", "limits", "http2", "trusted_proxies", "shutdown_grace")
+_SERVER_KEYS = (
+    "listen_addr",
+    "listen",
+    "workers",
+    "tls",
+    "limits",
+    "http2",
+    "websocket",
+    "trusted_proxies",
+    "shutdown_grace",
+)
 
 
 def _server(b: _Block) -> model.ServerConfig:
@@ -674,18 +685,40 @@ def _server(b: _Block) -> model.ServerConfig:
             "max_control_frames_per_second", int_range(1), _HTTP2.max_control_frames_per_second
         ),
     )
+    wb = b.block("websocket", _WEBSOCKET_KEYS)
+    websocket = model.WebSocketConfig(
+        max_message_bytes=wb.get("max_message_bytes", size(positive=True), _WEBSOCKET.max_message_bytes),
+        open_handshake_timeout=wb.get(
+            "open_handshake_timeout", duration(positive=True), _WEBSOCKET.open_handshake_timeout
+        ),
+        idle_timeout=wb.get("idle_timeout", duration(positive=True), _WEBSOCKET.idle_timeout),
+        ping_interval=wb.get("ping_interval", duration(), _WEBSOCKET.ping_interval),
+        max_messages_per_second=wb.get("max_messages_per_second", int_range(1), _WEBSOCKET.max_messages_per_second),
+        max_connections_per_consumer=wb.get(
+            "max_connections_per_consumer", int_range(1), _WEBSOCKET.max_connections_per_consumer
+        ),
+    )
     return model.ServerConfig(
         listen=listen,
         workers=workers,
         tls=tls,
         limits=limits,
         http2=http2,
+        websocket=websocket,
         trusted_proxies=b.items("trusted_proxies", to_network),
         shutdown_grace=b.get("shutdown_grace", duration(), _SERVER.shutdown_grace),
     )
 
 
 _HTTP2_KEYS = ("max_concurrent_streams", "max_header_list_size", "max_control_frames_per_second")
+_WEBSOCKET_KEYS = (
+    "max_message_bytes",
+    "open_handshake_timeout",
+    "idle_timeout",
+    "ping_interval",
+    "max_messages_per_second",
+    "max_connections_per_consumer",
+)
 _LIMIT_KEYS = ("max_header_bytes", "max_body_bytes", "max_connections", "header_timeout", "idle_timeout")
 
 

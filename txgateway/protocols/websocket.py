@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from txgateway.upstream.websocket import UpstreamWebSocketProtocol, WebSocketSettings, WebSocketUpgrade
+from txgateway.upstream.websocket import OpenRelays, UpstreamWebSocketProtocol, WebSocketSettings, WebSocketUpgrade
 
 #: Close codes that may not be sent in a Close frame (RFC 6455 7.4.1).
 _UNSENDABLE = frozenset({1005, 1006, 1015})
@@ -68,9 +68,11 @@ class RelayServerProtocol(WebSocketServerProtocol):
         settings: WebSocketSettings,
         clock: IReactorTime,
         on_lost: Callable[[], None],
+        relays: OpenRelays | None = None,
     ) -> None:
         super().__init__()
         self.upstream = upstream
+        self._relays = relays
         self._subprotocol = subprotocol
         self._settings = settings
         self._clock = clock
@@ -122,8 +124,15 @@ class RelayServerProtocol(WebSocketServerProtocol):
         self._cancel_idle()
         close_websocket(self.upstream, code, reason)
 
+    def going_away(self, reason: str) -> None:
+        """Shutdown: close both sides with 1001 (going away)."""
+        close_websocket(self, GOING_AWAY, reason)
+        close_websocket(self.upstream, GOING_AWAY, reason)
+
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._cancel_idle()
+        if self._relays is not None:
+            self._relays.discard(self)
         upstream = self.upstream.transport
         if upstream is not None:
             upstream.unregisterProducer()  # type: ignore[attr-defined]
@@ -184,7 +193,11 @@ def take_over(
     when it can; the returned protocol must also be given whatever the old
     protocol still receives when it cannot.
     """
-    protocol = RelayServerProtocol(upgrade.upstream_protocol, upgrade.subprotocol, upgrade.settings, clock, on_lost)
+    protocol = RelayServerProtocol(
+        upgrade.upstream_protocol, upgrade.subprotocol, upgrade.settings, clock, on_lost, upgrade.relays
+    )
+    if upgrade.relays is not None:
+        upgrade.relays.add(protocol)
     protocol.factory = server_factory(upgrade.settings)
     protocol.makeConnection(transport)
     protocol.dataReceived(raw_request)

@@ -27,7 +27,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTCP
 from twisted.python.failure import Failure
 
-from txgateway.config.model import RouteConfig
+from txgateway.config.model import RouteConfig, WebSocketConfig
 from txgateway.errors import Forbidden, GatewayError, RateLimited, UpstreamConnectError, UpstreamProtocolError
 from txgateway.messages import Response
 from txgateway.pipeline.context import RequestContext
@@ -56,7 +56,7 @@ DEFAULT_OPEN_HANDSHAKE_TIMEOUT = 10.0
 
 @dataclass(frozen=True, slots=True)
 class WebSocketSettings:
-    """WebSocket limits; documented defaults (README "WebSocket"), not yet in the config schema."""
+    """WebSocket limits (``server.websocket``, README "WebSocket")."""
 
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     open_handshake_timeout: float = DEFAULT_OPEN_HANDSHAKE_TIMEOUT
@@ -68,6 +68,17 @@ class WebSocketSettings:
     max_messages_per_second: int = 1000
     #: Open WebSocket connections per consumer (or client address when anonymous).
     max_connections_per_consumer: int = 100
+
+    @classmethod
+    def from_config(cls, config: WebSocketConfig) -> WebSocketSettings:
+        return cls(
+            max_message_bytes=config.max_message_bytes,
+            open_handshake_timeout=config.open_handshake_timeout,
+            idle_timeout=config.idle_timeout,
+            auto_ping_interval=config.ping_interval,
+            max_messages_per_second=config.max_messages_per_second,
+            max_connections_per_consumer=config.max_connections_per_consumer,
+        )
 
 
 class ConnectionCounts:
@@ -91,18 +102,45 @@ class ConnectionCounts:
             self.counts[key] = count
 
 
+class OpenRelays:
+    """The open downstream WebSocket relays of a process, so shutdown can close them."""
+
+    def __init__(self) -> None:
+        self.relays: set[Any] = set()
+
+    def add(self, relay: Any) -> None:
+        self.relays.add(relay)
+
+    def discard(self, relay: Any) -> None:
+        self.relays.discard(relay)
+
+    def __len__(self) -> int:
+        return len(self.relays)
+
+    def close_all(self, reason: str = "server shutting down") -> None:
+        """Close every open relay with 1001 (going away) on both sides."""
+        for relay in list(self.relays):
+            relay.going_away(reason)
+
+
 class WebSocketUpgrade(Response):
     """The pipeline's answer to a successful upgrade: 101 plus the open upstream."""
 
-    __slots__ = ("settings", "subprotocol", "upstream_protocol")
+    __slots__ = ("relays", "settings", "subprotocol", "upstream_protocol")
 
     def __init__(
-        self, upstream_protocol: UpstreamWebSocketProtocol, subprotocol: str | None, settings: WebSocketSettings
+        self,
+        upstream_protocol: UpstreamWebSocketProtocol,
+        subprotocol: str | None,
+        settings: WebSocketSettings,
+        relays: OpenRelays | None = None,
     ) -> None:
         Response.__init__(self, 101, [])
         self.upstream_protocol = upstream_protocol
         self.subprotocol = subprotocol
         self.settings = settings
+        #: Where the relay registers itself while open (None: untracked).
+        self.relays = relays
 
 
 class UpstreamWebSocketProtocol(WebSocketClientProtocol):
@@ -202,6 +240,7 @@ class WebSocketConnector:
         counts: ConnectionCounts,
         allow_origins: tuple[str, ...] | None = None,
         settings: WebSocketSettings = WebSocketSettings(),
+        relays: OpenRelays | None = None,
     ) -> None:
         """``allow_origins``: the CORS allow-list when CORS is configured (None: any origin)."""
         self.route = route
@@ -210,6 +249,7 @@ class WebSocketConnector:
         self._reactor = reactor
         self._counts = counts
         self.settings = settings
+        self._relays = relays
         self._origins: frozenset[bytes] | None = None
         if allow_origins is not None and "*" not in allow_origins:
             self._origins = frozenset(o.lower().rstrip("/").encode("latin-1") for o in allow_origins)
@@ -294,4 +334,5 @@ class WebSocketConnector:
 
         final: Deferred[UpstreamWebSocketProtocol] = Deferred(cancelled)
         result.chainDeferred(final)
-        return final.addCallback(lambda proto: WebSocketUpgrade(proto, proto.subprotocol, settings))
+        relays = self._relays
+        return final.addCallback(lambda proto: WebSocketUpgrade(proto, proto.subprotocol, settings, relays))
