@@ -29,19 +29,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 from typing import Any
 
-import txredisapi
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txgateway.cache.entry import Entry, Headers, PrimaryKey
 from txgateway.cache.policy import vary_values
-from txgateway.ratelimit.redis import RETRY_FACTOR, RETRY_INITIAL, RETRY_JITTER, RETRY_MAX, RedisAddress
+from txgateway.redis import RedisLink
 
 #: Every key the cache writes starts with this.
 KEY_PREFIX = b"txgateway:cache:"
@@ -114,45 +111,6 @@ class StorageUnavailable(Exception):
     """Redis could not answer a command (down, slow, refused)."""
 
 
-class _Connection(txredisapi.BaseRedisProtocol):
-    """txredisapi's protocol (bytes in, bytes out), telling the store when it goes away."""
-
-    store: RedisStore
-    outstanding = 0
-    quiet_since = 0.0
-
-    def connectionLost(self, why: Failure) -> None:
-        super().connectionLost(why)
-        self.store._lost(self)
-
-
-class _ConnectionFactory(Factory):
-    noisy = False
-    #: txredisapi logs with the legacy logger when this is set; the store logs instead.
-    isLazy = False
-
-    def __init__(self, store: RedisStore, address: RedisAddress) -> None:
-        self.store = store
-        self.address = address
-
-    def buildProtocol(self, addr: object) -> _Connection:
-        address = self.address
-        protocol = _Connection(
-            charset=None, convertNumbers=False, password=address.password, dbid=address.db, username=address.username
-        )
-        protocol.factory = self
-        protocol.store = self.store
-        protocol.callLater = self.store._clock.callLater
-        return protocol
-
-    def stopTrying(self) -> None:
-        """AUTH or SELECT failed; the reason follows in ``connectionError``; retrying goes on."""
-        self.store._refused = True
-
-    def connectionError(self, why: str) -> None:
-        self.store._handshake_failed(why)
-
-
 class RedisStore:
     """Entries in Redis, shared by every gateway process pointed at it."""
 
@@ -161,33 +119,24 @@ class RedisStore:
     def __init__(self, url: str, reactor: Any, clock: IReactorTime | None = None, timeout: float = 0.05) -> None:
         """``reactor`` connects; ``clock`` times commands and backoff; connecting
         starts once the reactor runs."""
-        self.address = RedisAddress(url)
         #: Seconds a command may take before it counts as failed.
         self.timeout = timeout
-        self._clock: IReactorTime = clock if clock is not None else reactor
-        self._endpoint = self.address.endpoint(reactor)
-        self._factory = _ConnectionFactory(self, self.address)
-        self._connection: _Connection | None = None
-        self._handshaking: _Connection | None = None
-        self._refused = False
-        #: A connection attempt failed or the connection was lost: failures are an outage.
-        self._down = False
-        self._stopped = False
-        self._attempt: Deferred[Any] | None = None
-        self._retry: IDelayedCall | None = None
-        self._attempts_in_a_row = 0
-        self._stopping: Deferred[None] | None = None
-        self._outage_since: float | None = None
-        self._outage_failures = 0
-        when_running = getattr(reactor, "callWhenRunning", None)
-        if when_running is not None:
-            when_running(self._connect)
-        else:
-            self._connect()
+        self._link = RedisLink(
+            url,
+            reactor,
+            clock,
+            log=self.log,
+            label="Cache storage",
+            consequence="requests go to the upstream until it recovers",
+            failures_noun="operations failed",
+            binary=True,
+        )
+        self.address = self._link.address
+        self._clock = self._link.clock
 
     @property
     def connected(self) -> bool:
-        return self._connection is not None
+        return self._link.connection is not None
 
     # The store.
 
@@ -245,175 +194,48 @@ class RedisStore:
 
     def _command(self, *args: object) -> Deferred[object]:
         """Run one command; fails with StorageUnavailable within ``timeout``."""
-        connection = self._connection
+        link = self._link
+        connection = link.connection
         if connection is None:
-            if self._down or self._stopped:
-                self._failed("not connected")
+            if link.down or link.stopped:
+                link.failed("not connected")
             return _unavailable("Redis is not connected")
         result: Deferred[object] = Deferred()
-        clock = self._clock
 
         def timed_out() -> None:
             if not result.called:
-                self._failed("no answer within the timeout")
+                link.failed("no answer within the timeout")
                 result.errback(StorageUnavailable("Redis did not answer in time"))
-                self._check_wedged(connection)
+                link.check_wedged(connection, self.timeout)
 
-        timer = clock.callLater(self.timeout, timed_out)
+        timer = self._clock.callLater(self.timeout, timed_out)
         try:
-            sent = connection.execute_command(*args)
+            sent = link.execute(connection, *args)
         except Exception as error:  # noqa: BLE001 - txredisapi raises when the connection just went away
             timer.cancel()
-            self._failed(f"{type(error).__name__}: {error}")
+            link.failed(f"{type(error).__name__}: {error}")
             return _unavailable(str(error))
-        if connection.outstanding == 0:
-            connection.quiet_since = clock.seconds()
-        connection.outstanding += 1
 
         def answered(reply: object) -> None:
-            self._answered(connection)
             if result.called:
                 return
             timer.cancel()
-            self._succeeded()
+            link.succeeded()
             result.callback(reply)
 
         def refused(failure: Failure) -> None:
-            self._answered(connection)
             if result.called:
                 return
             timer.cancel()
-            self._failed(failure.getErrorMessage() or repr(failure.value))
+            link.failed(failure.getErrorMessage() or repr(failure.value))
             result.errback(StorageUnavailable(failure.getErrorMessage()))
 
         sent.addCallbacks(answered, refused)
         return result
 
-    def _answered(self, connection: _Connection) -> None:
-        if connection.outstanding > 0:
-            connection.outstanding -= 1
-        connection.quiet_since = self._clock.seconds()
-
-    def _check_wedged(self, connection: _Connection) -> None:
-        if connection is not self._connection or connection.outstanding == 0:
-            return
-        silent = self._clock.seconds() - connection.quiet_since
-        if silent >= max(1.0, 10 * self.timeout):
-            self.log.warn(
-                "Cache storage {url}: no answer for {seconds:.1f} s, reconnecting",
-                url=self.address.display,
-                seconds=silent,
-            )
-            connection.transport.abortConnection()
-
-    # Connection life cycle.
-
-    def _connect(self) -> None:
-        self._retry = None
-        if self._stopped:
-            return
-        attempt = self._attempt = self._endpoint.connect(self._factory)
-        attempt.addCallbacks(self._transport_up, self._connect_failed)
-
-    def _transport_up(self, connection: _Connection) -> None:
-        self._attempt = None
-        self._handshaking = connection
-        connection.whenConnected().addCallback(self._ready)
-
-    def _ready(self, connection: _Connection) -> None:
-        if connection is not self._handshaking:
-            return
-        self._handshaking = None
-        if self._stopped:
-            connection.transport.loseConnection()
-            return
-        self._connection = connection
-        self._down = False
-        self._attempts_in_a_row = 0
-        self._recovered()
-
-    def _connect_failed(self, failure: Failure) -> None:
-        self._attempt = None
-        if not self._stopped:
-            self._went_down(f"cannot connect: {failure.getErrorMessage()}")
-
-    def _lost(self, connection: _Connection) -> None:
-        if connection is self._connection:
-            self._connection = None
-        elif connection is self._handshaking:
-            self._handshaking = None
-        else:
-            return
-        if self._stopped:
-            if self._stopping is not None:
-                stopping, self._stopping = self._stopping, None
-                stopping.callback(None)
-            return
-        if not self._refused:
-            self._went_down("connection lost")
-
-    def _handshake_failed(self, why: str) -> None:
-        self._refused = False
-        if not self._stopped:
-            self._went_down(why)
-
-    def _went_down(self, reason: str) -> None:
-        self._down = True
-        self._outage_begins(reason)
-        if self._retry is None:
-            delay = min(RETRY_MAX, RETRY_INITIAL * RETRY_FACTOR**self._attempts_in_a_row)
-            self._attempts_in_a_row += 1
-            delay *= 1.0 + random.uniform(-RETRY_JITTER, RETRY_JITTER)
-            self._retry = self._clock.callLater(delay, self._connect)
-
-    # Outage logging: once when it starts, once when it ends.
-
-    def _outage_begins(self, reason: str) -> None:
-        if self._outage_since is not None or self._stopped:
-            return
-        self._outage_since = self._clock.seconds()
-        self._outage_failures = 0
-        self.log.warn(
-            "Cache storage {url} unavailable ({reason}); requests go to the upstream until it recovers",
-            url=self.address.display,
-            reason=reason,
-        )
-
-    def _failed(self, reason: str) -> None:
-        self._outage_begins(reason)
-        self._outage_failures += 1
-
-    def _succeeded(self) -> None:
-        if self._outage_since is not None:
-            self._recovered()
-
-    def _recovered(self) -> None:
-        if self._outage_since is None:
-            return
-        seconds = self._clock.seconds() - self._outage_since
-        self._outage_since = None
-        self.log.info(
-            "Cache storage {url} available again after {seconds:.1f} s ({failures} operations failed)",
-            url=self.address.display,
-            seconds=seconds,
-            failures=self._outage_failures,
-        )
-
     def stop(self) -> Deferred[None]:
         """Close the connection and stop reconnecting; fires once the socket is closed."""
-        self._stopped = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        if self._attempt is not None:
-            self._attempt.cancel()
-            self._attempt = None
-        connection = self._connection or self._handshaking
-        if connection is None:
-            return succeed(None)
-        stopping = self._stopping = Deferred()
-        connection.transport.loseConnection()
-        return stopping
+        return self._link.stop()
 
 
 def _unavailable(reason: str) -> Deferred[object]:

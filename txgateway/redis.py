@@ -1,0 +1,334 @@
+"""One reconnecting connection to a Redis server, shared by the Redis stores.
+
+The rate limiter and the response cache both need the same things from
+Redis: a connection that comes back by itself (backoff with jitter, AUTH and
+SELECT from the URL), commands that never wait on a dead or frozen server,
+and an outage logged once when it starts and once when it ends, never per
+request.  :class:`RedisLink` is that; each store keeps only what is its own
+(the Lua scripts and decisions, the cache entries) and logs through its own
+logger, under its own label.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+
+import txredisapi
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+#: Reconnection backoff: first delay, growth, ceiling (seconds), jitter fraction.
+RETRY_INITIAL = 0.1
+RETRY_FACTOR = 2.0
+RETRY_MAX = 2.0
+RETRY_JITTER = 0.1
+CONNECT_TIMEOUT = 2.0
+
+
+class RedisAddress:
+    """Where and how to connect, parsed from ``redis://[[user]:password@]host[:port][/db]``.
+
+    Also ``rediss://`` (TLS) and ``unix:///path/to/redis.sock?db=N``.
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.scheme = parts.scheme
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password is not None else None
+        self.db: int | None = None
+        query = parse_qs(parts.query)
+        if self.scheme == "unix":
+            self.host = ""
+            self.port = 0
+            self.path = parts.path
+            if query.get("db"):
+                self.db = int(query["db"][0])
+        elif self.scheme in ("redis", "rediss"):
+            self.host = parts.hostname or "127.0.0.1"
+            self.port = parts.port or 6379
+            self.path = ""
+            database = parts.path.strip("/")
+            if database:
+                self.db = int(database)
+            elif query.get("db"):
+                self.db = int(query["db"][0])
+        else:
+            raise ValueError(f"not a Redis URL: {url!r} (expected redis://, rediss:// or unix://)")
+        #: The URL without its password, for logs.
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc = f"{netloc}:{parts.port}"
+        if parts.username:
+            netloc = f"{parts.username}@{netloc}"
+        self.display = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+    def endpoint(self, reactor: Any, timeout: float = CONNECT_TIMEOUT) -> IStreamClientEndpoint:
+        if self.scheme == "unix":
+            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
+        endpoint: IStreamClientEndpoint
+        try:
+            version = ipaddress.ip_address(self.host).version
+        except ValueError:
+            endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
+        else:
+            kind = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
+            endpoint = kind(reactor, self.host, self.port, timeout=timeout)
+        if self.scheme == "rediss":
+            from twisted.internet.ssl import optionsForClientTLS
+
+            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+        return endpoint
+
+
+
+class RedisConnection(txredisapi.BaseRedisProtocol):
+    """txredisapi's protocol, telling its link when it goes away."""
+
+    link: RedisLink
+    #: Commands sent and not yet answered, and since when nothing was answered.
+    outstanding = 0
+    quiet_since = 0.0
+
+    def connectionLost(self, why: Failure) -> None:
+        super().connectionLost(why)
+        self.link._lost(self)
+
+
+class _ConnectionFactory(Factory):
+    """Builds the protocol; txredisapi calls ``stopTrying``/``connectionError`` when AUTH or SELECT fail."""
+
+    noisy = False
+    #: txredisapi logs with the legacy logger when this is set; the link logs instead.
+    isLazy = False
+
+    def __init__(self, link: RedisLink, address: RedisAddress, binary: bool) -> None:
+        self.link = link
+        self.address = address
+        self.binary = binary
+
+    def buildProtocol(self, addr: object) -> RedisConnection:
+        address = self.address
+        options: dict[str, Any] = {"charset": None, "convertNumbers": False} if self.binary else {"charset": "utf-8"}
+        protocol = RedisConnection(
+            password=address.password, dbid=address.db, username=address.username, **options
+        )
+        protocol.factory = self
+        protocol.link = self.link
+        # txredisapi reaches for the global reactor; use the injected clock.
+        protocol.callLater = self.link.clock.callLater
+        return protocol
+
+    def stopTrying(self) -> None:
+        """AUTH or SELECT failed; the reason follows in ``connectionError``.  The link
+        keeps retrying with backoff: the password may be fixed on the server side."""
+        self.link._refused = True
+
+    def connectionError(self, why: str) -> None:
+        self.link._handshake_failed(why)
+
+
+class RedisLink:
+    """A connection to ``url`` that reconnects, with outage logging in the owner's words.
+
+    ``on_ready(connection)`` runs each time a connection is ready (before the
+    recovery is logged); ``on_down(reason)`` each time it is lost or cannot
+    be made.  Connecting starts once the reactor runs.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        reactor: Any,
+        clock: IReactorTime | None,
+        *,
+        log: Logger,
+        label: str,
+        consequence: str,
+        failures_noun: str,
+        binary: bool = False,
+        on_ready: Callable[[RedisConnection], None] | None = None,
+        on_down: Callable[[str], None] | None = None,
+    ) -> None:
+        self.address = RedisAddress(url)
+        self.clock: IReactorTime = clock if clock is not None else reactor
+        self.log = log
+        # The label is a constant of the owner, never request data.
+        self._down_format = f"{label} {{url}} unavailable ({{reason}}); {consequence}"
+        self._up_format = f"{label} {{url}} available again after {{seconds:.1f}} s ({{failures}} {failures_noun})"
+        self._wedged_format = f"{label} {{url}}: no answer for {{seconds:.1f}} s, reconnecting"
+        self._on_ready = on_ready
+        self._on_down = on_down
+        self._endpoint = self.address.endpoint(reactor)
+        self._factory = _ConnectionFactory(self, self.address, binary)
+        #: The connection commands go to; None while down.
+        self.connection: RedisConnection | None = None
+        #: A connection made but still in AUTH / SELECT.
+        self._handshaking: RedisConnection | None = None
+        #: AUTH / SELECT was refused; the reason is on its way (``_handshake_failed``).
+        self._refused = False
+        #: True after a failed attempt or a lost connection: commands fail at once.
+        self.down = False
+        self.stopped = False
+        self._attempt: Deferred[Any] | None = None
+        self._retry: IDelayedCall | None = None
+        self._attempts_in_a_row = 0
+        self._stopping: Deferred[None] | None = None
+        #: Outage bookkeeping: when it started (None: no outage), failures since.
+        self._outage_since: float | None = None
+        self._outage_failures = 0
+        when_running = getattr(reactor, "callWhenRunning", None)
+        if when_running is not None:
+            when_running(self._connect)
+        else:
+            self._connect()
+
+    # Commands.
+
+    def execute(self, connection: RedisConnection, *args: object) -> Deferred[object]:
+        """Send one command on ``connection``, keeping the frozen-server bookkeeping.
+
+        Raises when txredisapi refuses at once (the connection just went away).
+        """
+        sent: Deferred[object] = connection.execute_command(*args)
+        if connection.outstanding == 0:
+            connection.quiet_since = self.clock.seconds()
+        connection.outstanding += 1
+
+        def answered(result: object) -> object:
+            if connection.outstanding > 0:
+                connection.outstanding -= 1
+            connection.quiet_since = self.clock.seconds()
+            return result
+
+        return sent.addBoth(answered)
+
+    def check_wedged(self, connection: RedisConnection | None, timeout: float) -> None:
+        """Abort the connection when its commands went unanswered for long: the server is frozen."""
+        current = self.connection
+        if current is None or (connection is not None and connection is not current) or current.outstanding == 0:
+            return
+        silent = self.clock.seconds() - current.quiet_since
+        if silent >= max(1.0, 10 * timeout):
+            self.log.warn(self._wedged_format, url=self.address.display, seconds=silent)
+            current.transport.abortConnection()
+
+    # Outage logging: once when it starts, once when it ends.
+
+    def failed(self, reason: str) -> None:
+        """An operation could not be done."""
+        self._outage_begins(reason)
+        self._outage_failures += 1
+
+    def succeeded(self) -> None:
+        if self._outage_since is not None:
+            self._recovered()
+
+    def _outage_begins(self, reason: str) -> None:
+        if self._outage_since is not None or self.stopped:
+            return
+        self._outage_since = self.clock.seconds()
+        self._outage_failures = 0
+        self.log.warn(self._down_format, url=self.address.display, reason=reason)
+
+    def _recovered(self) -> None:
+        if self._outage_since is None:
+            return
+        seconds = self.clock.seconds() - self._outage_since
+        self._outage_since = None
+        self.log.info(self._up_format, url=self.address.display, seconds=seconds, failures=self._outage_failures)
+
+    # Connection life cycle.
+
+    def _connect(self) -> None:
+        self._retry = None
+        if self.stopped:
+            return
+        attempt = self._attempt = self._endpoint.connect(self._factory)
+        attempt.addCallbacks(self._transport_up, self._connect_failed)
+
+    def _transport_up(self, connection: RedisConnection) -> None:
+        self._attempt = None
+        self._handshaking = connection
+        # Fires once AUTH and SELECT (when configured) went through.
+        connection.whenConnected().addCallback(self._ready)
+
+    def _ready(self, connection: RedisConnection) -> None:
+        if connection is not self._handshaking:
+            return
+        self._handshaking = None
+        if self.stopped:
+            connection.transport.loseConnection()
+            return
+        self.connection = connection
+        self.down = False
+        self._attempts_in_a_row = 0
+        if self._on_ready is not None:
+            self._on_ready(connection)
+        self._recovered()
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._attempt = None
+        if not self.stopped:
+            self._went_down(f"cannot connect: {failure.getErrorMessage()}")
+
+    def _lost(self, connection: RedisConnection) -> None:
+        if connection is self.connection:
+            self.connection = None
+        elif connection is self._handshaking:
+            self._handshaking = None
+        else:
+            return
+        if self.stopped:
+            if self._stopping is not None:
+                stopping, self._stopping = self._stopping, None
+                stopping.callback(None)
+            return
+        if not self._refused:
+            self._went_down("connection lost")
+
+    def _handshake_failed(self, why: str) -> None:
+        self._refused = False
+        if not self.stopped:
+            self._went_down(why)
+
+    def _went_down(self, reason: str) -> None:
+        self.down = True
+        self._outage_begins(reason)
+        if self._on_down is not None:
+            self._on_down(reason)
+        if self._retry is None:
+            delay = min(RETRY_MAX, RETRY_INITIAL * RETRY_FACTOR**self._attempts_in_a_row)
+            self._attempts_in_a_row += 1
+            delay *= 1.0 + random.uniform(-RETRY_JITTER, RETRY_JITTER)
+            self._retry = self.clock.callLater(delay, self._connect)
+
+    def stop(self) -> Deferred[None]:
+        """Close the connection and stop reconnecting; fires once the socket is closed."""
+        self.stopped = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._attempt is not None:
+            self._attempt.cancel()
+            self._attempt = None
+        connection = self.connection or self._handshaking
+        if connection is None:
+            return succeed(None)
+        stopping = self._stopping = Deferred()
+        connection.transport.loseConnection()
+        return stopping
