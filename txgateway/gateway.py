@@ -54,6 +54,10 @@ class Gateway:
         self.runtime = runtime
         self._preflight_routing = config.middleware.enabled and config.middleware.cors is not None
         self.request_ids = request_ids or RequestIds()
+        #: Called once per finished exchange with its context (status, bytes and
+        #: times filled in): metrics, access log, tracing.  Each must be cheap
+        #: and must not raise; ``exchange_done`` logs and drops what does.
+        self.observers: list[Callable[[RequestContext], None]] = []
         self.router = Router(config.routes)
         #: Health checking of each upstream; active checks run once ``start()`` is called.
         self.health: list[UpstreamHealth] = []
@@ -177,6 +181,19 @@ class Gateway:
         except Exception:  # noqa: BLE001 - any bug becomes a 500, never a traceback
             return fail(self._internal(Failure(), ctx))
         return d.addErrback(self._unexpected, ctx)
+
+    def exchange_done(self, ctx: RequestContext) -> None:
+        """The protocol finished an exchange this generation handled: tell the observers.
+
+        Called exactly once per request context by every protocol (HTTP/1.1,
+        HTTP/2, WebSocket at close), after ``ctx.status``, ``ctx.bytes_in``,
+        ``ctx.bytes_out`` and ``ctx.ended`` are set.
+        """
+        for observer in self.observers:
+            try:
+                observer(ctx)
+            except Exception:  # noqa: BLE001 - an observer bug must not break traffic
+                self.log.failure("exchange observer {observer!r} failed", observer=observer)
 
     def _unexpected(self, failure: Failure, ctx: RequestContext) -> Failure:
         if failure.check(GatewayError):

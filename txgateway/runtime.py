@@ -16,16 +16,20 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from txgateway.observability.metrics import GatewayMetrics
+
 T = TypeVar("T")
 
 
 class Runtime:
     log = Logger()
 
-    def __init__(self, reactor: Any, clock: IReactorTime | None = None) -> None:
+    def __init__(self, reactor: Any, clock: IReactorTime | None = None, metrics: GatewayMetrics | None = None) -> None:
         #: Provides IReactorTCP, IReactorTime... (injected; tests pass fakes).
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
+        #: The one metrics registry; outlives reloads like everything here.
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
         self._shared: dict[Hashable, Any] = {}
 
     def shared(self, key: Hashable, build: Callable[[], T]) -> T:

@@ -21,10 +21,13 @@ Headers = list[tuple[bytes, bytes]]
 class RequestContext:
     __slots__ = (
         "body",
+        "bytes_in",
+        "bytes_out",
         "client_address",
         "client_ip",
         "client_port",
         "deadline",
+        "ended",
         "headers",
         "host",
         "identity",
@@ -38,8 +41,12 @@ class RequestContext:
         "route",
         "scheme",
         "started",
+        "status",
+        "trace",
         "upstream_address",
+        "upstream_ended",
         "upstream_path",
+        "upstream_started",
         "version",
     )
 
@@ -93,8 +100,24 @@ class RequestContext:
         #: Clock time by which the client stops waiting (gRPC ``grpc-timeout``);
         #: the upstream call never waits past it.  None: no deadline.
         self.deadline: float | None = None
-        #: Free-form facts middlewares record for the access log.
+        #: Free-form facts middlewares record for the access log
+        #: ("rate_limit", "cache", "auth_failure", ...).
         self.notes: dict[str, object] | None = None
+        # What the exchange came to, filled in by the protocol as it ends and
+        # read by the observers (metrics, access log, tracing) in
+        # ``Gateway.exchange_done``.
+        #: Status sent to the client (gRPC: the HTTP status; 0 when none was sent).
+        self.status = 0
+        #: Request body bytes received from the client, response bytes sent to it.
+        self.bytes_in = 0
+        self.bytes_out = 0
+        #: Clock time the exchange ended (response finished, aborted or client gone).
+        self.ended = 0.0
+        #: Clock times of the (last) upstream attempt: request sent, response head received.
+        self.upstream_started: float | None = None
+        self.upstream_ended: float | None = None
+        #: The W3C trace context of this request (txgateway.observability.tracing), or None.
+        self.trace: Any = None
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a lower-case header name, or None."""

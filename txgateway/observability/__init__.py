@@ -1,0 +1,1 @@
+"""Seeing what the gateway does: metrics, access log, tracing."""

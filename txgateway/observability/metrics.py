@@ -1,0 +1,242 @@
+"""The gateway's Prometheus metrics: one registry, every name in one place.
+
+Names follow Prometheus conventions with a ``txgateway_`` prefix.  Labels are
+bounded by configuration, never by traffic: a route's *name* (``""`` for
+requests no route matched), a method from a fixed set (others count as
+``OTHER``), a status code, an upstream and instance from the config or
+discovery, a protocol from a fixed set.  deploy/ (Grafana, alert rules) and
+the dashboard use exactly these names.
+
+One :class:`GatewayMetrics` lives in the :class:`~txgateway.runtime.Runtime`
+and outlives reloads.  With ``server.workers > 1`` the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` for its workers and prometheus-client writes
+every value to per-process files there; :func:`exposition` then reports the
+whole process group from any worker.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+#: Seconds; from sub-millisecond gateway answers to long upstream calls.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+#: Methods counted under their own name; anything else is "OTHER".
+METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
+
+
+def multiprocess() -> bool:
+    """Whether values go to the shared multiprocess directory (workers > 1)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports, registered in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        # Requests at the edge.
+        self.requests = Counter(
+            "txgateway_requests",
+            "Requests answered, by route name, method, status code and protocol.",
+            ["route", "method", "code", "protocol"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "txgateway_request_duration_seconds",
+            "Time from request head received to response end, by route, method and status code.",
+            ["route", "method", "code"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            "txgateway_requests_in_flight",
+            "Requests being handled now, by protocol.",
+            ["protocol"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.connections_open = Gauge(
+            "txgateway_connections_open",
+            "Open client connections, by protocol (http/1.1, h2, websocket).",
+            ["protocol"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.request_bytes = Counter(
+            "txgateway_request_bytes",
+            "Request body bytes received from clients, by route.",
+            ["route"],
+            registry=r,
+        )
+        self.response_bytes = Counter(
+            "txgateway_response_bytes",
+            "Response body bytes sent to clients, by route.",
+            ["route"],
+            registry=r,
+        )
+
+        # Upstreams.
+        self.upstream_duration = Histogram(
+            "txgateway_upstream_request_duration_seconds",
+            "Time from request sent upstream to response head received, by upstream and instance.",
+            ["upstream", "instance"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "txgateway_upstream_errors",
+            "Failed upstream attempts, by upstream, instance and kind "
+            "(connect, timeout, reset, protocol, status_5xx).",
+            ["upstream", "instance", "kind"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "txgateway_retries",
+            "Upstream attempts retried, by route and upstream.",
+            ["route", "upstream"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "txgateway_circuit_breaker_state",
+            "Circuit breaker state by upstream: 0 closed, 1 half-open, 2 open.",
+            ["upstream"],
+            multiprocess_mode="max",
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "txgateway_circuit_breaker_transitions",
+            "Circuit breaker state changes, by upstream and the state entered (closed, half_open, open).",
+            ["upstream", "state"],
+            registry=r,
+        )
+        self.health_checks = Counter(
+            "txgateway_health_checks",
+            "Active health check probes, by upstream, instance and result (success, failure).",
+            ["upstream", "instance", "result"],
+            registry=r,
+        )
+        self.instance_healthy = Gauge(
+            "txgateway_upstream_instance_healthy",
+            "1 while an upstream instance takes traffic, 0 while it is down or ejected.",
+            ["upstream", "instance"],
+            multiprocess_mode="min",
+            registry=r,
+        )
+        self.discovery_refreshes = Counter(
+            "txgateway_discovery_refreshes",
+            "Service discovery refreshes, by upstream, provider type and result (success, failure).",
+            ["upstream", "type", "result"],
+            registry=r,
+        )
+        self.discovery_instances = Gauge(
+            "txgateway_discovery_instances",
+            "Instances the last successful discovery refresh returned, by upstream.",
+            ["upstream"],
+            multiprocess_mode="max",
+            registry=r,
+        )
+
+        # Pipeline decisions.
+        self.ratelimit_decisions = Counter(
+            "txgateway_ratelimit_decisions",
+            "Rate-limit decisions, by route and decision (allowed, limited, storage_error).",
+            ["route", "decision"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "txgateway_auth_failures",
+            "Refused authentications, by route and reason code (missing_token, expired, bad_signature, ...).",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "txgateway_cache_requests",
+            "Response cache lookups, by route and result (hit, miss, bypass, stale).",
+            ["route", "result"],
+            registry=r,
+        )
+        self.cache_served_bytes = Counter(
+            "txgateway_cache_served_bytes",
+            "Response body bytes served from the cache, by route.",
+            ["route"],
+            registry=r,
+        )
+        self.cache_stored_bytes = Gauge(
+            "txgateway_cache_stored_bytes",
+            "Bytes held by the in-memory response cache.",
+            [],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+
+        # Protocol specifics.
+        self.websocket_connections = Counter(
+            "txgateway_websocket_connections",
+            "WebSocket connections opened through the gateway, by route.",
+            ["route"],
+            registry=r,
+        )
+        self.websocket_open = Gauge(
+            "txgateway_websocket_connections_open",
+            "WebSocket connections open now, by route.",
+            ["route"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.websocket_messages = Counter(
+            "txgateway_websocket_messages",
+            "WebSocket messages relayed, by route and direction (client_to_upstream, upstream_to_client).",
+            ["route", "direction"],
+            registry=r,
+        )
+        self.grpc_calls = Counter(
+            "txgateway_grpc_calls",
+            "gRPC calls answered, by route and grpc-status code.",
+            ["route", "grpc_status"],
+            registry=r,
+        )
+
+        # Configuration.
+        self.config_reloads = Counter(
+            "txgateway_config_reloads",
+            "Configuration reload attempts, by result (success, failure).",
+            ["result"],
+            registry=r,
+        )
+        self.config_generation = Gauge(
+            "txgateway_config_generation",
+            "Generation number of the configuration serving traffic.",
+            [],
+            multiprocess_mode="max",
+            registry=r,
+        )
+        self.config_last_reload_success = Gauge(
+            "txgateway_config_last_reload_successful",
+            "1 when the last reload attempt succeeded, 0 when it failed.",
+            [],
+            multiprocess_mode="min",
+            registry=r,
+        )
+
+
+def method_label(method: bytes) -> str:
+    """The ``method`` label of a request method: bounded to :data:`METHODS`."""
+    name = method.decode("latin-1")
+    return name if name in METHODS else "OTHER"
+
+
+def exposition(metrics: GatewayMetrics) -> bytes:
+    """The text exposition for ``/metrics``: this process, or with workers the group."""
+    if multiprocess():
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(metrics.registry)
