@@ -21,6 +21,7 @@ from txgateway.auth.middleware import AuthMiddleware, ClaimHeaderStrip, for_rout
 from txgateway.config import parse_config
 from txgateway.gateway import Gateway
 from txgateway.messages import Response
+from txgateway.observability.access_log import CollectedLines, output_key
 from txgateway.pipeline.context import RequestContext
 from txgateway.pipeline.pipeline import Handler
 from txgateway.runtime import Runtime
@@ -403,6 +404,7 @@ class JWKSGatewayTests(SynchronousTestCase):
         self.addCleanup(runtime.stop)
         self.upstream = MemoryUpstream(ok)
         config = parse_config(JWKS_CONFIG)
+        runtime.shared(output_key(config), CollectedLines)  # the access log in memory, not on stdout
         self.harness = GatewayHarness(
             parse_config("upstreams: {app: {servers: ['10.0.0.1:9000']}}"), self.upstream, clock=self.clock
         )

@@ -23,6 +23,7 @@ from txgateway.config import parse_config
 from txgateway.gateway import Gateway
 from txgateway.interfaces import IBody, IBodySink, IUpstreamClient
 from txgateway.messages import Response, UpstreamRequest
+from txgateway.observability.access_log import CollectedLines, output_key
 from txgateway.protocols.http1 import HTTP11ServerFactory, HTTP11ServerProtocol
 from txgateway.runtime import Runtime
 
@@ -189,6 +190,8 @@ class CacheGateway:
         self.clock.advance(EPOCH)
         self.runtime = runtime or Runtime(self.clock, self.clock)
         self.upstream = upstream
+        # The access log in memory: not on the test's output, no flush timer.
+        self.runtime.shared(output_key(parse_config(config)), CollectedLines)
         self.load(config)
         self.factory = HTTP11ServerFactory(lambda: self.gateway, self.runtime.clock)
 

@@ -24,6 +24,7 @@ from txgateway.messages import Response
 from txgateway.pipeline.context import RequestContext
 from txgateway.pipeline.request_id import RequestIds
 from txgateway.protocols.http1 import HTTP11ServerFactory, HTTP11ServerProtocol
+from txgateway.runtime import Runtime
 
 
 class ScriptedGateway:
@@ -34,6 +35,12 @@ class ScriptedGateway:
         self.request_ids = RequestIds("err")
         self.answer = answer
         self.seen: list[RequestContext] = []
+        self.runtime = Runtime(None)
+        #: Every finished exchange, as the protocol reported it (``exchange_done``).
+        self.done: list[RequestContext] = []
+
+    def exchange_done(self, ctx: RequestContext) -> None:
+        self.done.append(ctx)
 
     def handle(self, ctx: RequestContext) -> Deferred[Response]:
         ctx.request_id = f"req-{len(self.seen) + 1}"

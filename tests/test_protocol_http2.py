@@ -64,6 +64,12 @@ class ScriptedGateway:
         self.request_ids = RequestIds("err")
         self.answer = answer
         self.seen: list[RequestContext] = []
+        self.runtime = Runtime(None)
+        #: Every finished exchange, as the protocol reported it (``exchange_done``).
+        self.done: list[RequestContext] = []
+
+    def exchange_done(self, ctx: RequestContext) -> None:
+        self.done.append(ctx)
 
     def handle(self, ctx: RequestContext) -> Deferred[Response]:
         ctx.request_id = f"req-{len(self.seen) + 1}"

@@ -154,7 +154,7 @@ def render_grpc(error: GatewayError, request_id: str | None) -> Headers:
     ]
     if request_id:
         headers.append((b"x-request-id", request_id.encode("ascii")))
-    headers.extend((n, v) for n, v in error.headers if n in (b"retry-after", b"www-authenticate"))
+    headers.extend((n, v) for n, v in error.headers if n in (b"retry-after", b"www-authenticate", b"x-trace-id"))
     return headers
 
 

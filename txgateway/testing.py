@@ -10,6 +10,10 @@ that answers from a Python function and records what it received::
     response = gateway.request("GET", "/api/users/7", headers=[("authorization", "Bearer ...")])
     assert response.status == 200
     assert upstream.requests[0].target == b"/users/7"
+    assert gateway.access_log.records()[0]["status"] == 200
+
+The access log (when ``observability.access_log.enabled``) is kept in memory,
+in ``access_log``, instead of being written.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from txgateway.config.model import GatewayConfig, UpstreamConfig
 from txgateway.gateway import Gateway
 from txgateway.interfaces import IBodySink, IUpstreamClient
 from txgateway.messages import Response, UpstreamRequest
+from txgateway.observability.access_log import CollectedLines, output_key
 from txgateway.protocols.http1 import HTTP11ServerFactory
 from txgateway.runtime import Runtime
 
@@ -178,6 +183,8 @@ class GatewayHarness:
             self.runtime = Runtime(reactor, self.clock)
         else:
             self.runtime = Runtime(self.clock, self.clock)
+        #: The access log's lines (``access_log.records()``: the JSON ones parsed).
+        self.access_log: CollectedLines = self.runtime.shared(output_key(config), CollectedLines)
         self.gateway = Gateway(config, lambda _config: upstream, self.runtime)
         self._factory = HTTP11ServerFactory(lambda: self.gateway, self.clock)
         self._client_ip = client_ip

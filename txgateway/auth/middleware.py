@@ -46,11 +46,13 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txgateway.auth.api_keys import APIKeys
 from txgateway.auth.identity import Identity
 from txgateway.auth.jwks import shared_key_set
 from txgateway.auth.jwt import (
+    REJECTION_CODES,
     JWTVerifier,
     KeysUnavailable,
     TokenRejected,
@@ -64,6 +66,7 @@ from txgateway.auth.jwt import (
 from txgateway.config.model import AuthConfig, GatewayConfig, JWTConfig, RouteConfig
 from txgateway.errors import BadRequest, Forbidden, GatewayError, ServiceUnavailable, Unauthorized
 from txgateway.messages import Response
+from txgateway.observability.metrics import GatewayMetrics
 from txgateway.pipeline.context import RequestContext
 from txgateway.pipeline.pipeline import Handler
 from txgateway.routing.pattern import normalize_path
@@ -308,6 +311,25 @@ def _failed_verification(failure: Any) -> Any:
     return failure
 
 
+#: ``txgateway_auth_failures`` reason of each token rejection code ("token expired" -> "token_expired").
+_TOKEN_REASONS = {code: code.replace(" ", "_") for code in REJECTION_CODES}
+
+
+def failure_reason(error: GatewayError) -> str:
+    """The ``reason`` label of a refusal by the auth stage (a bounded set)."""
+    if isinstance(error, Unauthorized):
+        if error.message == INVALID_API_KEY:
+            return "invalid_api_key"
+        return _TOKEN_REASONS.get(error.message, "missing_token")
+    if isinstance(error, Forbidden):
+        return "insufficient_role"
+    if isinstance(error, BadRequest):
+        return "multiple_credentials"
+    if isinstance(error, ServiceUnavailable):
+        return "keys_unavailable"
+    return error.code
+
+
 def _rejection(error: TokenRejected | KeysUnavailable) -> GatewayError:
     if isinstance(error, KeysUnavailable):
         return ServiceUnavailable(KEYS_UNAVAILABLE)
@@ -318,13 +340,35 @@ class AuthMiddleware:
     """One route's auth stage over the shared :class:`Authenticator`."""
 
     def __init__(
-        self, authenticator: Authenticator, *, required: bool, roles: Iterable[str] = (), honour_exclusions: bool
+        self,
+        authenticator: Authenticator,
+        *,
+        required: bool,
+        roles: Iterable[str] = (),
+        honour_exclusions: bool,
+        route: str = "",
+        metrics: GatewayMetrics | None = None,
     ) -> None:
+        """``metrics`` counts this route's (``route``) refusals by reason; None: not counted."""
         self.authenticator = authenticator
         self.roles = frozenset(roles)
         #: Roles make authentication required: an anonymous caller has no role.
         self.required = required or bool(self.roles)
         self.honour_exclusions = honour_exclusions
+        self.route = route
+        self._failures = metrics.auth_failures if metrics is not None else None
+        #: ``txgateway_auth_failures`` children by reason, resolved on first use.
+        self._by_reason: dict[str, Any] = {}
+
+    def _refused(self, error: GatewayError) -> None:
+        """Count a refusal (the auth stage's own, not a later stage's)."""
+        if self._failures is None:
+            return
+        reason = failure_reason(error)
+        child = self._by_reason.get(reason)
+        if child is None:
+            child = self._by_reason[reason] = self._failures.labels(self.route, reason)
+        child.inc()
 
     def _admit(self, identity: Identity | None) -> None:
         if identity is None:
@@ -338,7 +382,9 @@ class AuthMiddleware:
         admit = self._admit
         excluded = authenticator.is_excluded if self.honour_exclusions else None
 
-        def proceed(authenticated: Authenticated | None, ctx: RequestContext) -> Deferred[Response]:
+        refused = self._refused
+
+        def settle(authenticated: Authenticated | None, ctx: RequestContext) -> RequestContext:
             if authenticated is None:
                 admit(None)
             else:
@@ -347,7 +393,12 @@ class AuthMiddleware:
                 ctx.identity = identity
                 if forwarded:
                     ctx.headers.extend(forwarded)
-            return next(ctx)
+            return ctx
+
+        def refused_later(failure: Failure) -> Failure:
+            if isinstance(failure.value, GatewayError):
+                refused(failure.value)
+            return failure
 
         def auth(ctx: RequestContext) -> Deferred[Response]:
             if excluded is not None and excluded(ctx.path):
@@ -356,8 +407,14 @@ class AuthMiddleware:
             try:
                 result = authenticator.authenticate(ctx)
                 if isinstance(result, Deferred):
-                    return result.addCallback(proceed, ctx)
-                return proceed(result, ctx)
+                    # Only this stage's refusals are counted: next() runs after the errback.
+                    return result.addCallback(settle, ctx).addErrback(refused_later).addCallback(next)
+                settle(result, ctx)
+            except GatewayError as error:
+                refused(error)
+                return fail(error)
+            try:
+                return next(ctx)
             except GatewayError as error:
                 return fail(error)
 
@@ -428,4 +485,6 @@ def for_route(route: RouteConfig, config: GatewayConfig, runtime: Runtime) -> Au
         required=mode == "required",
         roles=route.roles,
         honour_exclusions=route.auth is None and not route.roles,
+        route=route.name,
+        metrics=runtime.metrics,
     )

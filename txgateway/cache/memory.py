@@ -15,16 +15,20 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Hashable
 from itertools import count
+from typing import Any
 
 from txgateway.cache.entry import Entry, Headers, PrimaryKey, VaryIndex
 from txgateway.cache.policy import vary_values
 
 
 class MemoryStore:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, size_gauge: Any = None) -> None:
+        """``size_gauge`` (a Prometheus gauge, ``txgateway_cache_stored_bytes``)
+        is set to ``size`` whenever it changes; None: not reported."""
         self.max_bytes = max_bytes
         #: Bytes charged for what is stored now.
         self.size = 0
+        self._gauge = size_gauge
         #: Least recently used first.
         self._items: OrderedDict[Hashable, Entry | VaryIndex] = OrderedDict()
         #: (expires, sequence, key, entry): stale items are skipped when popped.
@@ -38,6 +42,11 @@ class MemoryStore:
     def resize(self, max_bytes: int, now: float) -> None:
         self.max_bytes = max_bytes
         self._evict(now)
+        self._report()
+
+    def _report(self) -> None:
+        if self._gauge is not None:
+            self._gauge.set(self.size)
 
     def lookup(self, key: PrimaryKey, headers: Headers, now: float) -> Entry | None:
         items = self._items
@@ -54,6 +63,7 @@ class MemoryStore:
             item = variant
         if now >= item.expires:
             self._remove(slot)
+            self._report()
             return None
         items.move_to_end(slot)
         return item
@@ -91,9 +101,11 @@ class MemoryStore:
             self._expiry = [item for item in expiry if items.get(item[2]) is item[3]]
             heapq.heapify(self._expiry)
         self._evict(now)
+        self._report()
 
     def invalidate(self, key: PrimaryKey) -> None:
         self._remove(key)
+        self._report()
 
     def _evict(self, now: float) -> None:
         if self.size <= self.max_bytes:

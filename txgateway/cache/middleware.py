@@ -39,6 +39,7 @@ or a 429).  Built once per route (``for_route``):
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, succeed
@@ -55,6 +56,7 @@ from txgateway.cache.tee import TeeBody
 from txgateway.config.model import CacheConfig, GatewayConfig, RouteCacheConfig, RouteConfig
 from txgateway.errors import GatewayError
 from txgateway.messages import Response
+from txgateway.observability.metrics import GatewayMetrics
 from txgateway.pipeline.context import RequestContext
 from txgateway.pipeline.pipeline import Handler
 from txgateway.runtime import Runtime
@@ -62,6 +64,8 @@ from txgateway.runtime import Runtime
 HIT = (b"x-cache", b"HIT")
 MISS = (b"x-cache", b"MISS")
 BYPASS = (b"x-cache", b"BYPASS")
+#: The outcome each mark records (``ctx.notes["cache"]``, ``txgateway_cache_requests``).
+_OUTCOMES = {MISS: "miss", BYPASS: "bypass"}
 
 #: Methods that never change what a GET returns.
 SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
@@ -128,13 +132,35 @@ class ResponseCache:
         clock: IReactorTime,
         max_object_bytes: int,
         coalesce_timeout: float = COALESCE_TIMEOUT,
+        metrics: GatewayMetrics | None = None,
+        route: str = "",
     ) -> None:
+        """``metrics`` counts this route's (``route``) lookups by outcome and the
+        bytes served from the store; None: not counted."""
         self.tag = tag
         self.ttl = ttl
         self.store = store
         self.clock = clock
         self.max_object_bytes = max_object_bytes
         self.flights = Flights(clock, coalesce_timeout)
+        #: Per outcome ("hit", "miss", "bypass"): its counter child.
+        self._outcomes: dict[str, Any] = {}
+        self._served: Any = None
+        if metrics is not None:
+            lookups = metrics.cache_requests
+            self._outcomes = {outcome: lookups.labels(route, outcome) for outcome in ("hit", "miss", "bypass")}
+            self._served = metrics.cache_served_bytes.labels(route)
+
+    def _outcome(self, ctx: RequestContext, outcome: str) -> None:
+        """Record what the cache did with this request: for the access log and the metrics."""
+        notes = ctx.notes
+        if notes is None:
+            ctx.notes = {"cache": outcome}
+        else:
+            notes["cache"] = outcome
+        counter = self._outcomes.get(outcome)
+        if counter is not None:
+            counter.inc()
 
     def key(self, ctx: RequestContext) -> PrimaryKey:
         host = ctx.host
@@ -179,6 +205,9 @@ class ResponseCache:
         return cache
 
     def _hit(self, entry: Entry, ctx: RequestContext, now: float) -> Response:
+        self._outcome(ctx, "hit")
+        if self._served is not None and ctx.method != b"HEAD" and entry.body:
+            self._served.inc(len(entry.body))
         headers = entry.headers.copy()
         age = now - entry.born
         headers.append((b"age", b"%d" % age if age > 0 else b"0"))
@@ -235,12 +264,14 @@ class ResponseCache:
 
     def _pass(self, ctx: RequestContext, next: Handler, mark: tuple[bytes, bytes]) -> Deferred[Response]:
         """To the upstream, nothing stored."""
+        self._outcome(ctx, _OUTCOMES[mark])
         return next(ctx).addCallbacks(_mark, _mark_error, callbackArgs=(mark,), errbackArgs=(mark,))
 
     def _other(self, ctx: RequestContext, next: Handler) -> Deferred[Response]:
         """Methods other than GET and HEAD: passed on; unsafe ones invalidate the URL."""
         if ctx.method in SAFE_METHODS:
             return self._pass(ctx, next, BYPASS)
+        self._outcome(ctx, "bypass")
         key = self.key(ctx)
 
         def invalidate(response: Response) -> Response:
@@ -260,6 +291,7 @@ class ResponseCache:
         flight: Flight | None,
     ) -> Deferred[Response]:
         """A GET to the upstream whose response is stored when it may be."""
+        self._outcome(ctx, _OUTCOMES[mark])
 
         def failed(failure: Failure) -> Failure:
             if flight is not None:
@@ -320,7 +352,9 @@ def store_for(settings: CacheConfig, runtime: Runtime) -> CacheStore:
         redis = runtime.shared(redis_store_key(url), lambda: RedisStore(url, runtime.reactor, runtime.clock))
         redis.timeout = settings.redis_timeout
         return redis
-    memory = runtime.shared(MEMORY_STORE, lambda: MemoryStore(settings.max_bytes))
+    memory = runtime.shared(
+        MEMORY_STORE, lambda: MemoryStore(settings.max_bytes, runtime.metrics.cache_stored_bytes)
+    )
     if memory.max_bytes != settings.max_bytes:
         memory.resize(settings.max_bytes, runtime.clock.seconds())
     return memory
@@ -337,4 +371,12 @@ def for_route(route: RouteConfig, config: GatewayConfig, runtime: Runtime) -> Re
         ttl = DEFAULT_TTL
     else:
         return None
-    return ResponseCache(route_tag(route), ttl, store_for(settings, runtime), runtime.clock, settings.max_object_bytes)
+    return ResponseCache(
+        route_tag(route),
+        ttl,
+        store_for(settings, runtime),
+        runtime.clock,
+        settings.max_object_bytes,
+        metrics=runtime.metrics,
+        route=route.name,
+    )

@@ -17,6 +17,7 @@ whole process group from any worker.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -28,6 +29,10 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
 )
+_METHOD_BYTES = frozenset(m.encode("ascii") for m in METHODS)
+
+#: The ``protocol`` label values: how the client talks to the gateway.
+PROTOCOLS = ("http/1.1", "h2", "websocket")
 
 
 def multiprocess() -> bool:
@@ -87,7 +92,7 @@ class GatewayMetrics:
         self.upstream_duration = Histogram(
             "txgateway_upstream_request_duration_seconds",
             "Time from request sent upstream to response head received, by upstream and instance.",
-            ["upstream", "instance"],
+            ["upstream", "address"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
@@ -95,7 +100,7 @@ class GatewayMetrics:
             "txgateway_upstream_errors",
             "Failed upstream attempts, by upstream, instance and kind "
             "(connect, timeout, reset, protocol, status_5xx).",
-            ["upstream", "instance", "kind"],
+            ["upstream", "address", "kind"],
             registry=r,
         )
         self.retries = Counter(
@@ -120,13 +125,13 @@ class GatewayMetrics:
         self.health_checks = Counter(
             "txgateway_health_checks",
             "Active health check probes, by upstream, instance and result (success, failure).",
-            ["upstream", "instance", "result"],
+            ["upstream", "address", "result"],
             registry=r,
         )
         self.instance_healthy = Gauge(
             "txgateway_upstream_instance_healthy",
             "1 while an upstream instance takes traffic, 0 while it is down or ejected.",
-            ["upstream", "instance"],
+            ["upstream", "address"],
             multiprocess_mode="min",
             registry=r,
         )
@@ -153,13 +158,15 @@ class GatewayMetrics:
         )
         self.auth_failures = Counter(
             "txgateway_auth_failures",
-            "Refused authentications, by route and reason code (missing_token, expired, bad_signature, ...).",
+            "Refused authentications, by route and reason code (missing_token, invalid_token, token_expired, "
+            "malformed_token, invalid_api_key, insufficient_role, multiple_credentials, keys_unavailable, ...).",
             ["route", "reason"],
             registry=r,
         )
         self.cache_requests = Counter(
             "txgateway_cache_requests",
-            "Response cache lookups, by route and result (hit, miss, bypass, stale).",
+            "Response cache lookups, by route and result (hit, miss, bypass; stale is reserved: "
+            "expired entries are never served, their lookup is a miss).",
             ["route", "result"],
             registry=r,
         )
@@ -225,6 +232,27 @@ class GatewayMetrics:
             multiprocess_mode="min",
             registry=r,
         )
+
+        # Children the protocols touch per request or connection, resolved once;
+        # created up front so every protocol shows 0 rather than nothing.
+        #: Per protocol: the ``requests_in_flight`` child.
+        self.in_flight = {protocol: self.requests_in_flight.labels(protocol) for protocol in PROTOCOLS}
+        #: Per protocol: the ``connections_open`` child.
+        self.open_connections = {protocol: self.connections_open.labels(protocol) for protocol in PROTOCOLS}
+        self._grpc_calls: dict[tuple[str, str], Any] = {}
+
+    def grpc_call(self, route: str, grpc_status: str) -> None:
+        """Count one answered gRPC call (children cached: one dict lookup)."""
+        key = (route, grpc_status)
+        child = self._grpc_calls.get(key)
+        if child is None:
+            child = self._grpc_calls[key] = self.grpc_calls.labels(route, grpc_status)
+        child.inc()
+
+
+def method_bytes_label(method: bytes) -> bytes:
+    """``method`` itself when it is in :data:`METHODS`, else ``b"OTHER"``: a bounded cache key."""
+    return method if method in _METHOD_BYTES else b"OTHER"
 
 
 def method_label(method: bytes) -> str:

@@ -17,6 +17,7 @@ ends (for least-connections).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -28,6 +29,7 @@ from txgateway.errors import GatewayError, UpstreamTimeout
 from txgateway.http11 import HOP_BY_HOP, body_forbidden, connection_tokens
 from txgateway.interfaces import IBody, IBodySink
 from txgateway.messages import Response, UpstreamRequest
+from txgateway.observability.metrics import GatewayMetrics
 from txgateway.pipeline.context import RequestContext
 from txgateway.pipeline.forwarded import forwarded_headers
 from txgateway.upstream.instance import Instance
@@ -39,8 +41,9 @@ Headers = list[tuple[bytes, bytes]]
 VIA = b"1.1 txgateway"
 #: Via names the protocol version of the hop it describes (RFC 9110 7.6.3).
 VIA_H2 = b"2 txgateway"
-#: Request headers the gateway handles itself and never forwards.
-_REQUEST_DROP = HOP_BY_HOP | {b"expect", b"x-request-id", b"via"}
+#: Request headers the gateway handles itself and never forwards (the trace
+#: headers are made anew for each try, see ``Forwarder.send``).
+_REQUEST_DROP = HOP_BY_HOP | {b"expect", b"x-request-id", b"via", b"traceparent", b"tracestate"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"via", b"x-request-id"}
 #: For HEAD and 304 the upstream's Content-Length describes the entity, keep it.
 _RESPONSE_DROP_NO_BODY = _RESPONSE_DROP - {b"content-length"}
@@ -73,6 +76,16 @@ def _strip(headers: Headers, drop: frozenset[bytes]) -> tuple[Headers, list[byte
         drop = drop | listed
     via = [v for n, v in headers if n == b"via"]
     return [(n, v) for n, v in headers if n not in drop], via
+
+
+#: The ``kind`` label of ``txgateway_upstream_errors`` for each failure kind.
+ERROR_KINDS = {
+    "connect_error": "connect",
+    "timeout": "timeout",
+    "reset": "reset",
+    "protocol_error": "protocol",
+    "5xx": "status_5xx",
+}
 
 
 def failure_kind(failure: Failure) -> str | None:
@@ -208,9 +221,16 @@ class Forwarder:
         upstream: Upstream,
         is_trusted: Callable[[str], bool],
         clock: IReactorTime,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
+        """``metrics``: where tries are measured (upstream duration, errors, retries); None: nowhere."""
         self.route = route
         self.upstream = upstream
+        self._metrics = metrics
+        #: Metric children by instance address (and error kind), resolved on first use.
+        self._durations: dict[str, Any] = {}
+        self._errors: dict[tuple[str, str], Any] = {}
+        self.retries = metrics.retries.labels(route.name, upstream.name) if metrics is not None else None
         self._client = upstream.client
         self._clock = clock
         self._is_trusted = is_trusted
@@ -255,6 +275,8 @@ class Forwarder:
         ctx.upstream_address = instance.address
         if ctx.host is None:
             headers = [*headers, (b"host", instance.address.encode("ascii"))]
+        if ctx.trace is not None:  # each try is a client span of its own
+            headers = headers + ctx.trace.upstream_headers()
         response_timeout = self._response_timeout
         if ctx.deadline is not None:
             left = ctx.deadline - self._clock.seconds()
@@ -262,6 +284,7 @@ class Forwarder:
                 return fail(UpstreamTimeout("deadline exceeded before the upstream was called"))
             response_timeout = min(response_timeout, left)
         instance.in_flight += 1
+        ctx.upstream_started = self._clock.seconds()
         d = self._client.request(
             UpstreamRequest(
                 host=instance.host,
@@ -274,11 +297,17 @@ class Forwarder:
                 response_timeout=response_timeout,
             )
         )
-        d.addCallbacks(self._received, self._failed, callbackArgs=(ctx, instance), errbackArgs=(instance,))
+        d.addCallbacks(self._received, self._failed, callbackArgs=(ctx, instance), errbackArgs=(ctx, instance))
         return d
 
     def _received(self, response: Response, ctx: RequestContext, instance: Instance) -> Response:
-        self.upstream.observe(instance, "5xx" if response.status >= 500 else None)
+        failed = response.status >= 500
+        self.upstream.observe(instance, "5xx" if failed else None)
+        ended = ctx.upstream_ended = self._clock.seconds()
+        if ctx.trace is not None:
+            ctx.trace.upstream_status = response.status
+        if self._metrics is not None:
+            self._measure(instance, ended - (ctx.upstream_started or ended), "5xx" if failed else None)
         body = response.body
         if body is None:
             instance.in_flight -= 1
@@ -299,12 +328,33 @@ class Forwarder:
         response.headers = headers
         return response
 
-    def _failed(self, failure: Failure, instance: Instance) -> Failure:
+    def _failed(self, failure: Failure, ctx: RequestContext, instance: Instance) -> Failure:
         instance.in_flight -= 1
+        ctx.upstream_ended = self._clock.seconds()
         kind = failure_kind(failure)
         if kind is not None:
             self.upstream.observe(instance, kind)
+            if self._metrics is not None:
+                self._measure(instance, None, kind)
         return failure
+
+    def _measure(self, instance: Instance, seconds: float | None, failure: str | None) -> None:
+        """One try in the upstream metrics: its duration to the response head, its failure kind."""
+        metrics = self._metrics
+        assert metrics is not None
+        address = instance.address
+        if seconds is not None:
+            duration = self._durations.get(address)
+            if duration is None:
+                duration = self._durations[address] = metrics.upstream_duration.labels(self.upstream.name, address)
+            duration.observe(seconds)
+        if failure is not None:
+            key = (address, failure)
+            errors = self._errors.get(key)
+            if errors is None:
+                kind = ERROR_KINDS.get(failure, failure)
+                errors = self._errors[key] = metrics.upstream_errors.labels(self.upstream.name, address, kind)
+            errors.inc()
 
 
 class _Tries:
@@ -353,6 +403,9 @@ class _Tries:
         return self._forwarder._budget.spend()
 
     def _later(self) -> None:
+        retries = self._forwarder.retries
+        if retries is not None:
+            retries.inc()
         delay = self._policy.backoff(self._count)
         self._waiting = self._forwarder._clock.callLater(delay, self._next)
 

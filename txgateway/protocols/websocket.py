@@ -32,7 +32,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from txgateway.upstream.websocket import OpenRelays, UpstreamWebSocketProtocol, WebSocketSettings, WebSocketUpgrade
+from txgateway.pipeline.context import RequestContext
+from txgateway.upstream.websocket import (
+    OpenRelays,
+    RelayCounters,
+    UpstreamWebSocketProtocol,
+    WebSocketSettings,
+    WebSocketUpgrade,
+)
 
 #: Close codes that may not be sent in a Close frame (RFC 6455 7.4.1).
 _UNSENDABLE = frozenset({1005, 1006, 1015})
@@ -59,7 +66,13 @@ def close_websocket(protocol: Any, code: int | None, reason: str | None) -> None
 
 
 class RelayServerProtocol(WebSocketServerProtocol):
-    """The client's WebSocket connection, relayed to one upstream connection."""
+    """The client's WebSocket connection, relayed to one upstream connection.
+
+    With ``ctx`` (the upgrade request's context) the payload bytes of the
+    messages relayed are added to its ``bytes_in`` (client to upstream) and
+    ``bytes_out``; with ``counters`` the connection and its messages are
+    counted in the route's WebSocket metrics.
+    """
 
     def __init__(
         self,
@@ -69,9 +82,14 @@ class RelayServerProtocol(WebSocketServerProtocol):
         clock: IReactorTime,
         on_lost: Callable[[], None],
         relays: OpenRelays | None = None,
+        ctx: RequestContext | None = None,
+        counters: RelayCounters | None = None,
     ) -> None:
         super().__init__()
         self.upstream = upstream
+        self._ctx = ctx
+        self._counters = counters
+        self._opened = False
         self._relays = relays
         self._subprotocol = subprotocol
         self._settings = settings
@@ -95,6 +113,11 @@ class RelayServerProtocol(WebSocketServerProtocol):
             upstream.registerProducer(downstream, True)  # type: ignore[attr-defined]
         self._last_activity = self._clock.seconds()
         self._arm_idle(self._settings.idle_timeout)
+        counters = self._counters
+        if counters is not None:
+            self._opened = True
+            counters.connections.inc()
+            counters.open.inc()
         self.upstream.attach(self)
 
     # Relaying.
@@ -111,11 +134,19 @@ class RelayServerProtocol(WebSocketServerProtocol):
             return
         if self.upstream.state == WebSocketProtocol.STATE_OPEN:
             self.upstream.sendMessage(payload, isBinary)
+            if self._ctx is not None:
+                self._ctx.bytes_in += len(payload)
+            if self._counters is not None:
+                self._counters.to_upstream.inc()
 
     def from_upstream(self, payload: bytes, is_binary: bool) -> None:
         self._last_activity = self._clock.seconds()
         if self.state == WebSocketProtocol.STATE_OPEN:
             self.sendMessage(payload, is_binary)
+            if self._ctx is not None:
+                self._ctx.bytes_out += len(payload)
+            if self._counters is not None:
+                self._counters.to_client.inc()
 
     def upstream_closed(self, code: int | None, reason: str | None) -> None:
         close_websocket(self, code, reason)
@@ -131,6 +162,9 @@ class RelayServerProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._cancel_idle()
+        if self._opened and self._counters is not None:
+            self._opened = False
+            self._counters.open.dec()
         if self._relays is not None:
             self._relays.discard(self)
         upstream = self.upstream.transport
@@ -186,15 +220,24 @@ def take_over(
     raw_request: bytes,
     clock: IReactorTime,
     on_lost: Callable[[], None],
+    ctx: RequestContext | None = None,
 ) -> Protocol:
     """Hand ``transport`` (now carrying an upgrade request) to a new relay protocol.
 
     Rewires the transport (``tcp.Server.protocol`` or TLS ``wrappedProtocol``)
     when it can; the returned protocol must also be given whatever the old
-    protocol still receives when it cannot.
+    protocol still receives when it cannot.  ``ctx``, the upgrade request's
+    context, gets the relayed message bytes (see :class:`RelayServerProtocol`).
     """
     protocol = RelayServerProtocol(
-        upgrade.upstream_protocol, upgrade.subprotocol, upgrade.settings, clock, on_lost, upgrade.relays
+        upgrade.upstream_protocol,
+        upgrade.subprotocol,
+        upgrade.settings,
+        clock,
+        on_lost,
+        upgrade.relays,
+        ctx,
+        upgrade.counters,
     )
     if upgrade.relays is not None:
         upgrade.relays.add(protocol)

@@ -34,6 +34,7 @@ limit while Redis is away).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, fail
@@ -42,6 +43,7 @@ from twisted.python.failure import Failure
 from txgateway.config.model import GatewayConfig, RateLimitConfig, RouteConfig
 from txgateway.errors import GatewayError, RateLimited, ServiceUnavailable
 from txgateway.messages import Response
+from txgateway.observability.metrics import GatewayMetrics
 from txgateway.pipeline.context import RequestContext
 from txgateway.pipeline.pipeline import Handler
 from txgateway.ratelimit.decision import Algorithm, Decision, LocalStore, SharedStore, StorageError
@@ -138,10 +140,18 @@ class RateLimit:
         key: KeyFunction,
         local: LocalStore,
         shared: SharedStore | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         """``local`` decides for ``storage: memory`` and for ``on_storage_error: local``;
-        ``shared``, when given, decides first."""
+        ``shared``, when given, decides first; ``metrics`` counts the decisions
+        (``storage_error`` replaces the decision made without the storage)."""
         self.route = route
+        self._decisions: _Decisions | None = None
+        self._storage_errors: Any = None
+        if metrics is not None:
+            counter = metrics.ratelimit_decisions
+            self._decisions = _Decisions(counter.labels(route, "allowed"), counter.labels(route, "limited"))
+            self._storage_errors = counter.labels(route, "storage_error")
         self.config = config
         self.default = Policy(
             route, "default", algorithm_for(config.algorithm, config.requests_per_minute, config.burst_size)
@@ -168,12 +178,13 @@ class RateLimit:
         key_of = self._key
         policy_for = self.policy
         shared = self._shared
+        decisions = self._decisions
         if shared is None:
             decide = self._local.decide
 
             def rate_limit(ctx: RequestContext) -> Deferred[Response]:
                 policy = policy_for(ctx.identity)
-                return _apply(decide(policy.algorithm, policy.prefix + key_of(ctx)), policy, ctx, next)
+                return _apply(decide(policy.algorithm, policy.prefix + key_of(ctx)), policy, ctx, next, decisions)
 
             return rate_limit
 
@@ -185,7 +196,7 @@ class RateLimit:
             key = policy.prefix + key_of(ctx)
             decided = shared.decide(policy.algorithm, key, timeout)
             return decided.addCallbacks(
-                _apply, fallback, callbackArgs=(policy, ctx, next), errbackArgs=(policy, key, ctx, next)
+                _apply, fallback, callbackArgs=(policy, ctx, next, decisions), errbackArgs=(policy, key, ctx, next)
             )
 
         return shared_rate_limit
@@ -196,6 +207,8 @@ class RateLimit:
         if not failure.check(StorageError):
             return failure
         _note(ctx, "storage_error")
+        if self._storage_errors is not None:
+            self._storage_errors.inc()
         action = self._on_storage_error
         if action == "allow":
             return next(ctx)
@@ -204,12 +217,33 @@ class RateLimit:
         return _apply(self._local.decide(policy.algorithm, key), policy, ctx, next)
 
 
-def _apply(decision: Decision, policy: Policy, ctx: RequestContext, next: Handler) -> Deferred[Response]:
+class _Decisions:
+    """A route's ``allowed`` and ``limited`` decision counters."""
+
+    __slots__ = ("allowed", "limited")
+
+    def __init__(self, allowed: Any, limited: Any) -> None:
+        self.allowed = allowed
+        self.limited = limited
+
+
+def _apply(
+    decision: Decision, policy: Policy, ctx: RequestContext, next: Handler, decisions: _Decisions | None = None
+) -> Deferred[Response]:
     headers = policy.headers(decision)
     if not decision.allowed:
         _note(ctx, "limited")
+        if decisions is not None:
+            decisions.limited.inc()
         headers.append((b"retry-after", b"%d" % decision.retry_after))
         return fail(RateLimited(f"rate limit exceeded, retry in {decision.retry_after} s", headers))
+    if decisions is not None:
+        decisions.allowed.inc()
+    notes = ctx.notes
+    if notes is None:
+        ctx.notes = {"rate_limit": "allowed"}
+    else:
+        notes.setdefault("rate_limit", "allowed")  # a storage_error note stays
     return next(ctx).addCallbacks(_add_headers, _add_headers_to_error, callbackArgs=(headers,), errbackArgs=(headers,))
 
 
@@ -248,4 +282,4 @@ def for_route(route: RouteConfig, config: GatewayConfig, runtime: Runtime) -> Ra
     if rate_limit.storage == "redis":
         url = rate_limit.redis_url
         shared = runtime.shared(redis_store_key(url), lambda: RedisStore(url, runtime.reactor, runtime.clock))
-    return RateLimit(route.name, rate_limit, key, local, shared)
+    return RateLimit(route.name, rate_limit, key, local, shared, runtime.metrics)

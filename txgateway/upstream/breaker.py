@@ -28,10 +28,15 @@ from twisted.logger import Logger
 
 from txgateway.config.model import CircuitBreakerConfig
 from txgateway.errors import ServiceUnavailable
+from txgateway.observability.metrics import GatewayMetrics
 
 CLOSED = "closed"
 OPEN = "open"
 HALF_OPEN = "half_open"
+
+
+#: ``txgateway_circuit_breaker_state`` value of each state.
+STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 
 class BreakerOpen(ServiceUnavailable):
@@ -130,3 +135,18 @@ class CircuitBreaker:
             )
         for listener in self.listeners:
             listener(self.upstream, old, state)
+
+
+class BreakerMetrics:
+    """A breaker listener keeping ``txgateway_circuit_breaker_state`` and
+    ``txgateway_circuit_breaker_transitions`` of its upstream."""
+
+    def __init__(self, breaker: CircuitBreaker, metrics: GatewayMetrics) -> None:
+        self._state = metrics.breaker_state.labels(breaker.upstream)
+        self._transitions = metrics.breaker_transitions
+        self._state.set(STATE_VALUES[breaker.state])
+        breaker.listeners.append(self)
+
+    def __call__(self, upstream: str, old: str, new: str) -> None:
+        self._state.set(STATE_VALUES[new])
+        self._transitions.labels(upstream, new).inc()

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from txgateway.config.model import RouteConfig, WebSocketConfig
 from txgateway.errors import Forbidden, GatewayError, RateLimited, UpstreamConnectError, UpstreamProtocolError
 from txgateway.messages import Response
+from txgateway.observability.metrics import GatewayMetrics
 from txgateway.pipeline.context import RequestContext
 from txgateway.pipeline.forwarded import forwarded_headers
 from txgateway.upstream.instance import Instance
@@ -123,10 +124,23 @@ class OpenRelays:
             relay.going_away(reason)
 
 
+class RelayCounters:
+    """A WebSocket route's metric children, resolved once per route: the relay
+    counts its connection and every message it passes with them."""
+
+    __slots__ = ("connections", "open", "to_client", "to_upstream")
+
+    def __init__(self, metrics: GatewayMetrics, route: str) -> None:
+        self.connections = metrics.websocket_connections.labels(route)
+        self.open = metrics.websocket_open.labels(route)
+        self.to_upstream = metrics.websocket_messages.labels(route, "client_to_upstream")
+        self.to_client = metrics.websocket_messages.labels(route, "upstream_to_client")
+
+
 class WebSocketUpgrade(Response):
     """The pipeline's answer to a successful upgrade: 101 plus the open upstream."""
 
-    __slots__ = ("relays", "settings", "subprotocol", "upstream_protocol")
+    __slots__ = ("counters", "relays", "settings", "subprotocol", "upstream_protocol")
 
     def __init__(
         self,
@@ -134,6 +148,7 @@ class WebSocketUpgrade(Response):
         subprotocol: str | None,
         settings: WebSocketSettings,
         relays: OpenRelays | None = None,
+        counters: RelayCounters | None = None,
     ) -> None:
         Response.__init__(self, 101, [])
         self.upstream_protocol = upstream_protocol
@@ -141,6 +156,8 @@ class WebSocketUpgrade(Response):
         self.settings = settings
         #: Where the relay registers itself while open (None: untracked).
         self.relays = relays
+        #: The route's WebSocket metrics (None: not counted).
+        self.counters = counters
 
 
 class UpstreamWebSocketProtocol(WebSocketClientProtocol):
@@ -241,9 +258,12 @@ class WebSocketConnector:
         allow_origins: tuple[str, ...] | None = None,
         settings: WebSocketSettings = WebSocketSettings(),
         relays: OpenRelays | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
-        """``allow_origins``: the CORS allow-list when CORS is configured (None: any origin)."""
+        """``allow_origins``: the CORS allow-list when CORS is configured (None: any origin);
+        ``metrics``: where the route's connections and messages are counted (None: nowhere)."""
         self.route = route
+        self._counters = RelayCounters(metrics, route.name) if metrics is not None else None
         self.upstream = upstream
         self._is_trusted = is_trusted
         self._reactor = reactor
@@ -289,6 +309,9 @@ class WebSocketConnector:
             )
         if ctx.request_id:
             out["x-request-id"] = ctx.request_id
+        if ctx.trace is not None:  # the handshake is the client span; never the client's own traceparent
+            for name, value in ctx.trace.upstream_headers():
+                out[name.decode("ascii")] = value.decode("latin-1")
         return out
 
     def _dial(self, ctx: RequestContext, instance: Instance, key: str) -> Deferred[Response]:
@@ -296,6 +319,7 @@ class WebSocketConnector:
         counts = self._counts
         settings = self.settings
         instance.in_flight += 1
+        ctx.upstream_address = f"{instance.host}:{instance.port}"
 
         def release(failure: str | None) -> None:
             instance.in_flight -= 1
@@ -335,4 +359,5 @@ class WebSocketConnector:
         final: Deferred[UpstreamWebSocketProtocol] = Deferred(cancelled)
         result.chainDeferred(final)
         relays = self._relays
-        return final.addCallback(lambda proto: WebSocketUpgrade(proto, proto.subprotocol, settings, relays))
+        counters = self._counters
+        return final.addCallback(lambda proto: WebSocketUpgrade(proto, proto.subprotocol, settings, relays, counters))
