@@ -13,13 +13,15 @@ instances that take traffic; no request ever filters instances itself.
 
 Instances start healthy (optimistic start): a gateway that has just started
 serves traffic at once instead of refusing it until a first round of checks
-has passed; the first failing checks (or requests) eject what is down.
+has passed; the first failing checks (or requests) eject what is down.  An
+instance that service discovery adds later starts the same way, and its
+checks start with it; a removed instance's checks stop.
 """
 
 from __future__ import annotations
 
 import random as _random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -32,6 +34,8 @@ from txgateway.config.model import HealthCheckConfig, PassiveHealthConfig
 from txgateway.errors import UpstreamError, UpstreamTimeout
 from txgateway.interfaces import IBody, IBodySink, IUpstreamClient
 from txgateway.messages import Response, UpstreamRequest
+from txgateway.observability.metrics import GatewayMetrics
+from txgateway.upstream.breaker import BreakerMetrics
 from txgateway.upstream.instance import Instance
 from txgateway.upstream.upstream import Upstream
 
@@ -91,10 +95,14 @@ class _Drain:
 class _Probe:
     """The active checking of one instance: its streaks, its timer, its check in flight."""
 
-    __slots__ = ("deadline", "drain", "failures", "instance", "pending", "started", "successes", "timed_out", "timer")
+    __slots__ = (
+        "deadline", "drain", "failures", "instance", "pending", "removed", "started", "successes", "timed_out", "timer",
+    )  # fmt: skip
 
     def __init__(self, instance: Instance) -> None:
         self.instance = instance
+        #: The instance left the upstream (discovery): whatever of a check is still going gives no verdict.
+        self.removed = False
         self.successes = 0
         self.failures = 0
         #: The next check, while waiting for it.
@@ -132,11 +140,14 @@ class ActiveHealthCheck:
         clock: IReactorTime,
         config: HealthCheckConfig,
         random: _random.Random | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.upstream = upstream
         self.client = client
         self.clock = clock
         self.config = config
+        #: ``txgateway_health_checks`` (None: checks are not counted).
+        self._results = metrics.health_checks if metrics is not None else None
         self.random = random if random is not None else _random.Random()
         self._target = config.path.encode("latin-1")
         self._probes: list[_Probe] = []
@@ -155,10 +166,37 @@ class ActiveHealthCheck:
         """Cancel every scheduled check and abandon those in flight."""
         self.running = False
         for probe in self._probes:
-            timer, probe.timer = probe.timer, None
-            if timer is not None and timer.active():
-                timer.cancel()
-            self._end(probe)
+            self._cancel(probe)
+
+    def instances_changed(self, added: Sequence[Instance], removed: Sequence[Instance]) -> None:
+        """Discovery changed the instance set: check the new instances (first check within
+        ``interval``, as at start), stop checking the removed ones.  Nothing to do while stopped:
+        ``start()`` takes the instances as they are then."""
+        if not self.running:
+            return
+        if removed:
+            gone = {id(instance) for instance in removed}
+            keep = []
+            for probe in self._probes:
+                if id(probe.instance) in gone:
+                    probe.removed = True
+                    self._cancel(probe)
+                else:
+                    keep.append(probe)
+            self._probes = keep
+        for instance in added:
+            probe = _Probe(instance)
+            self._probes.append(probe)
+            self._schedule(probe, self.random.random() * self.config.interval)
+
+    def _cancel(self, probe: _Probe) -> None:
+        timer, probe.timer = probe.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._end(probe)
+
+    def _live(self, probe: _Probe) -> bool:
+        return self.running and not probe.removed
 
     def _schedule(self, probe: _Probe, delay: float) -> None:
         probe.timer = self.clock.callLater(max(0.0, delay), self._check, probe)
@@ -202,7 +240,7 @@ class ActiveHealthCheck:
         else:
             self._failure(probe, f"status {status}")
         body = response.body
-        if self.running and body is not None and body.length != 0:
+        if self._live(probe) and body is not None and body.length != 0:
             drain = probe.drain = _Drain(body, lambda: self._drained(probe))
             body.deliverTo(drain)
             return
@@ -212,7 +250,7 @@ class ActiveHealthCheck:
 
     def _failed(self, failure: Failure, probe: _Probe) -> None:
         probe.pending = None
-        if not self.running:
+        if not self._live(probe):
             return
         if probe.timed_out or failure.check(CancelledError):
             reason = "timeout"
@@ -225,7 +263,7 @@ class ActiveHealthCheck:
 
     def _drained(self, probe: _Probe) -> None:
         probe.drain = None
-        if self.running:
+        if self._live(probe):
             self._finished(probe)
 
     def _expire(self, probe: _Probe) -> None:
@@ -253,16 +291,18 @@ class ActiveHealthCheck:
 
     def _finished(self, probe: _Probe) -> None:
         self._end(probe)
-        if self.running and probe.timer is None:
+        if self._live(probe) and probe.timer is None:
             jittered = self.config.interval * (1.0 - _JITTER + 2 * _JITTER * self.random.random())
             self._schedule(probe, probe.started + jittered - self.clock.seconds())
 
     def _succeeded(self, probe: _Probe) -> None:
-        if not self.running:
+        if not self._live(probe):
             return
         probe.failures = 0
         probe.successes += 1
         instance = probe.instance
+        if self._results is not None:
+            self._results.labels(self.upstream.name, instance.address, "success").inc()
         if not instance.active_healthy and probe.successes >= self.config.healthy_threshold:
             instance.active_healthy = True
             self.log.info(
@@ -274,11 +314,13 @@ class ActiveHealthCheck:
             self.upstream.refresh()
 
     def _failure(self, probe: _Probe, reason: str) -> None:
-        if not self.running:
+        if not self._live(probe):
             return
         probe.successes = 0
         probe.failures += 1
         instance = probe.instance
+        if self._results is not None:
+            self._results.labels(self.upstream.name, instance.address, "failure").inc()
         self.log.debug(
             "health check of upstream {upstream} instance {address} failed: {reason}",
             upstream=self.upstream.name,
@@ -334,6 +376,8 @@ class PassiveHealth:
         threshold = self.config.consecutive_failures
         if failures < threshold:
             return
+        if instance not in self.upstream.instances:
+            return  # removed by discovery while this request was in flight
         if not any(other is not instance for other in self.upstream.available):
             if failures == threshold:
                 self.log.warn(
@@ -373,6 +417,13 @@ class PassiveHealth:
         )
         self.upstream.refresh()
 
+    def forget(self, removed: Sequence[Instance]) -> None:
+        """Discovery removed these instances: no return from ejection to wait for."""
+        for instance in removed:
+            timer = self._returns.pop(instance, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+
     def start(self) -> None:
         """Resume after ``stop()``: re-arm the return of instances still ejected."""
         self._stopped = False
@@ -401,16 +452,51 @@ class UpstreamHealth:
     ``stop()``.
     """
 
-    def __init__(self, upstream: Upstream, clock: IReactorTime, random: _random.Random | None = None) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        clock: IReactorTime,
+        random: _random.Random | None = None,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        """With ``metrics``, the upstream's health is reported there: check results,
+        ``txgateway_upstream_instance_healthy`` (1 while an instance takes traffic:
+        active checks and passive ejections both move it) and its breaker's state."""
         config = upstream.config
         self.upstream = upstream
         self.active: ActiveHealthCheck | None = None
         self.passive: PassiveHealth | None = None
+        self._healthy = metrics.instance_healthy if metrics is not None else None
         if config.health_check.enabled:
-            self.active = ActiveHealthCheck(upstream, upstream.client, clock, config.health_check, random)
+            self.active = ActiveHealthCheck(upstream, upstream.client, clock, config.health_check, random, metrics)
         if config.passive_health is not None:
             self.passive = PassiveHealth(upstream, clock, config.passive_health)
             upstream.observer = self.passive
+        upstream.on_instances.append(self._instances_changed)
+        if metrics is not None:
+            upstream.on_change.append(self._report_health)
+            self._report_health(upstream)
+            if upstream.breaker is not None:
+                BreakerMetrics(upstream.breaker, metrics)
+
+    def _report_health(self, upstream: Upstream) -> None:
+        healthy = self._healthy
+        assert healthy is not None
+        available = upstream.available
+        for instance in upstream.instances:
+            healthy.labels(upstream.name, instance.address).set(1 if instance in available else 0)
+
+    def _instances_changed(self, added: Sequence[Instance], removed: Sequence[Instance]) -> None:
+        if self._healthy is not None:
+            for instance in removed:
+                try:
+                    self._healthy.remove(self.upstream.name, instance.address)
+                except KeyError:
+                    pass
+        if self.active is not None:
+            self.active.instances_changed(added, removed)
+        if self.passive is not None:
+            self.passive.forget(removed)
 
     def start(self) -> None:
         if self.passive is not None:
