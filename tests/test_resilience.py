@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -277,6 +278,29 @@ class RetryThroughGatewayTests(SynchronousTestCase):
         response = GatewayHarness(parse_config(config()), upstream).request("PUT", "/users/1", body=b"payload")
         self.assertEqual(response.status, 200)
         self.assertEqual(calls, [b"payload", b"payload"])
+
+
+class BreakerStageTests(SynchronousTestCase):
+    def test_failure_raised_at_once_counts_and_gives_the_probe_back(self) -> None:
+        from txgateway.errors import ServiceUnavailable
+        from txgateway.pipeline.breaker import BreakerStage
+
+        clock = Clock()
+        breaker = CircuitBreaker("users", CircuitBreakerConfig(failure_threshold=1, recovery_timeout=10), clock)
+
+        def no_instance(ctx: object) -> Any:
+            raise ServiceUnavailable("no healthy instance of users")
+
+        guarded = BreakerStage(breaker).wrap(no_instance)  # type: ignore[arg-type]
+        self.failureResultOf(guarded(object()), ServiceUnavailable)  # type: ignore[arg-type]
+        self.assertEqual(breaker.state, OPEN)
+        clock.advance(10)
+        # Half-open: the probe fails the same way and must not keep its slot.
+        self.failureResultOf(guarded(object()), ServiceUnavailable)  # type: ignore[arg-type]
+        self.assertEqual(breaker.state, OPEN)
+        clock.advance(10)
+        breaker.record(breaker.admit(), False)
+        self.assertEqual(breaker.state, CLOSED)
 
 
 class BreakerThroughGatewayTests(SynchronousTestCase):

@@ -7,10 +7,10 @@ from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from txgateway.config.model import CircuitBreakerConfig, GatewayConfig, RouteConfig, RouteMatch
+from txgateway.config.model import CircuitBreakerConfig, GatewayConfig, RouteConfig, RouteMatch, ServerConfig
 from txgateway.errors import Forbidden, RateLimited, ServiceUnavailable
 from txgateway.pipeline.breaker import BreakerStage
 from txgateway.pipeline.context import RequestContext
@@ -162,16 +162,29 @@ class ShutdownTests(SynchronousTestCase):
         self.assertEqual(len(relays), 0)
         self.assertEqual(lost, ["lost"])
 
-    def test_stop_service_sends_1001_to_connected_clients(self) -> None:
-        reactor = MemoryReactor()
-        service = GatewayService(GatewayConfig(), reactor)
+    def test_stop_service_sends_1001_to_connected_clients_after_the_grace_period(self) -> None:
+        reactor = MemoryReactorClock()
+        config = GatewayConfig(server=ServerConfig(shutdown_grace=5.0))
+        service = GatewayService(config, reactor)
         relays = service.gateway.websocket_relays
         first = open_relay(Clock(), WebSocketSettings(), relays)
         second = open_relay(Clock(), WebSocketSettings(), relays)
-        service.stopService()
+        # Their connections, as the listener counts them.
+        factory = service.proxy_factory
+        self.assertTrue(factory.admit() and factory.admit())
+        stopped = service.stopService()
+        reactor.advance(4.9)
+        for _, upstream, transport, _ in (first, second):
+            self.assertEqual(upstream.calls, [])
+            self.assertEqual(transport.value(), b"")
+        reactor.advance(0.2)
         for _, upstream, transport, _ in (first, second):
             self.assertEqual(close_code(transport.value()), 1001)
             self.assertEqual(upstream.calls, [("sendCloseFrame", (1001, b"server shutting down"))])
+        self.assertNoResult(stopped)
+        factory.connection_closed()
+        factory.connection_closed()
+        self.successResultOf(stopped)
 
 
 # -- refusals before the upgrade ---------------------------------------------

@@ -18,6 +18,9 @@ from txgateway.config.model import GatewayConfig, RouteConfig, UpstreamConfig
 from txgateway.errors import GatewayError, PayloadTooLarge
 from txgateway.interfaces import IUpstreamClient
 from txgateway.messages import Response
+from txgateway.observability import tracing
+from txgateway.observability.access_log import access_log_for
+from txgateway.observability.recorder import recorder_for
 from txgateway.pipeline.assembly import middlewares_for
 from txgateway.pipeline.breaker import BreakerStage
 from txgateway.pipeline.context import RequestContext
@@ -28,6 +31,7 @@ from txgateway.pipeline.pipeline import Handler, assemble
 from txgateway.pipeline.request_id import RequestIds
 from txgateway.routing import Router
 from txgateway.runtime import Runtime
+from txgateway.upstream.discovery import InstanceSource, source_for, source_key
 from txgateway.upstream.health import UpstreamHealth
 from txgateway.upstream.upstream import Upstream
 from txgateway.upstream.websocket import ConnectionCounts, OpenRelays, WebSocketConnector, WebSocketSettings
@@ -58,9 +62,26 @@ class Gateway:
         #: times filled in): metrics, access log, tracing.  Each must be cheap
         #: and must not raise; ``exchange_done`` logs and drops what does.
         self.observers: list[Callable[[RequestContext], None]] = []
+        tracing_config = config.observability.tracing
+        #: Every request's W3C trace context (propagation is always on).
+        self.trace_contexts = tracing.TraceContexts(tracing_config.sample_ratio, exported=tracing_config.enabled)
+        self._tag_trace = tracing_config.enabled
+        if tracing_config.enabled:
+            export = runtime.shared(
+                tracing.export_key(tracing_config), lambda: tracing.trace_export(tracing_config, runtime.reactor)
+            )
+            self.observers.append(export.exchange_done)
+        recorder = recorder_for(config, runtime)
+        if recorder is not None:
+            self.observers.append(recorder)
+        access_log = access_log_for(config, runtime)
+        if access_log is not None:
+            self.observers.append(access_log)
         self.router = Router(config.routes)
         #: Health checking of each upstream; active checks run once ``start()`` is called.
         self.health: list[UpstreamHealth] = []
+        #: Service discovery of the upstreams that use it; runs once ``start()`` is called.
+        self.discovery: list[InstanceSource] = []
         self.upstreams: Mapping[str, Upstream] = {
             name: self._upstream(upstream, client_for) for name, upstream in config.upstreams.items()
         }
@@ -85,7 +106,15 @@ class Gateway:
         (in ``runtime.shared``), so a reload keeps its instances' health and its checks."""
         runtime = self.runtime
         upstream = runtime.shared(("upstream", config), lambda: Upstream(config, client_for(config), runtime.clock))
-        self.health.append(runtime.shared(("upstream-health", config), lambda: UpstreamHealth(upstream, runtime.clock)))
+        self.health.append(
+            runtime.shared(
+                ("upstream-health", config), lambda: UpstreamHealth(upstream, runtime.clock, metrics=runtime.metrics)
+            )
+        )
+        if (discovery := config.discovery) is not None:
+            source = runtime.shared(source_key(config), lambda: source_for(config.name, discovery, runtime))
+            source.feed(upstream)
+            self.discovery.append(source)
         return upstream
 
     def start(self, previous: Gateway | None = None) -> None:
@@ -93,23 +122,28 @@ class Gateway:
         stop those of ``previous``, the generation it replaces, that it does not share."""
         for health in self.health:
             health.start()
+        for source in self.discovery:
+            source.start()
         if previous is not None:
             for health in previous.health:
                 if health not in self.health:
                     health.stop()
+            for source in previous.discovery:
+                if source not in self.discovery:
+                    source.stop()
 
     def _terminal(self, route: RouteConfig, is_trusted: Callable[[str], bool]) -> Handler:
         """The upstream end of a route's chain: forwarder, inside its breaker, inside its fallback."""
         upstream = self.upstreams[route.upstream]
         clock = self.runtime.clock
-        handler: Handler = Forwarder(route, upstream, is_trusted, clock)
+        handler: Handler = Forwarder(route, upstream, is_trusted, clock, self.runtime.metrics)
         if upstream.breaker is not None:
             handler = BreakerStage(upstream.breaker).wrap(handler)
         fallback = upstream.config.fallback
         if fallback is not None:
             other: Handler | None = None
             if fallback.upstream is not None:
-                other = Forwarder(route, self.upstreams[fallback.upstream], is_trusted, clock)
+                other = Forwarder(route, self.upstreams[fallback.upstream], is_trusted, clock, self.runtime.metrics)
             handler = FallbackStage(fallback, other).wrap(handler)
         if route.websocket:
             handler = self._websocket_dispatch(route, upstream, is_trusted, handler)
@@ -132,6 +166,7 @@ class Gateway:
             cors.allow_origins if cors is not None else None,
             WebSocketSettings.from_config(self.config.server.websocket),
             self.websocket_relays,
+            self.runtime.metrics,
         )
         if upstream.breaker is not None:
             connector = BreakerStage(upstream.breaker).wrap(connector)
@@ -150,6 +185,14 @@ class Gateway:
         without details, so no client ever sees a traceback.
         """
         ctx.request_id = self.request_ids.for_request(ctx.header(b"x-request-id"))
+        ctx.trace = self.trace_contexts.for_request(ctx.headers)
+        if self._tag_trace:
+            return self._route(ctx).addCallbacks(
+                tracing.tag_response, tracing.tag_error, callbackArgs=(ctx,), errbackArgs=(ctx,)
+            )
+        return self._route(ctx)
+
+    def _route(self, ctx: RequestContext) -> Deferred[Response]:
         if self._behind_proxies is not None:
             ctx.client_address = client_address(ctx.client_ip, ctx.headers, self._behind_proxies)
         method = ctx.method

@@ -292,6 +292,40 @@ class GatewayProcess:
 
         return self.exited().addCallback(ended)
 
+    def render_config(self, config: dict[str, Any]) -> str:
+        """``config`` as YAML, with the running config's listen addresses unless it
+        names its own; it becomes ``self.config``."""
+        config = json.loads(json.dumps(config))
+        for block in ("server", "admin"):
+            section = config.setdefault(block, {})
+            running = self.config.get(block, {})
+            if "listen_addr" not in section and "listen" not in section and "listen_addr" in running:
+                section["listen_addr"] = running["listen_addr"]
+        self.config = config
+        return str(yaml.safe_dump(config, sort_keys=False))
+
+    def write_config(self, config: dict[str, Any] | str, *, replace: bool = True) -> None:
+        """Give the running gateway a new config file (it reloads on SIGHUP, the file
+        watcher or ``POST /admin/reload``).
+
+        A dict goes through :meth:`render_config`; a string is written as is (a
+        broken file, say).  ``replace`` writes a new file beside the old one and
+        renames it over (atomic, a new inode: what editors and config tools do);
+        otherwise the file is rewritten in place.
+        """
+        text = config if isinstance(config, str) else self.render_config(config)
+        if not replace:
+            self.config_path.write_text(text)
+            return
+        fresh = self.config_path.with_name(f".{self.config_path.name}.new")
+        fresh.write_text(text)
+        os.replace(fresh, self.config_path)
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the gateway process (SIGHUP: reload; SIGTERM: graceful shutdown)."""
+        assert self.pid is not None and self.running, "the gateway is not running"
+        os.kill(self.pid, signum)
+
     def _kill(self) -> None:
         if self.pid is not None and self.running:
             try:

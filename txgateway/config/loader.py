@@ -115,6 +115,11 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
 
     ``environ`` (default: ``os.environ``) fills ``${VAR}`` placeholders.
     """
+    return parse_config(read_config_text(path), source=path, environ=environ)
+
+
+def read_config_text(path: str) -> str:
+    """The text of the configuration file at ``path``; ConfigError naming it when unreadable."""
     try:
         with open(path, "rb") as stream:
             data = stream.read()
@@ -127,9 +132,8 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
     except OSError as error:
         raise ConfigError([ConfigProblem("", f"cannot read: {error.strerror or error}")], path) from None
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise ConfigError(
             [ConfigProblem("", f"not a UTF-8 text file (invalid byte at offset {error.start})")], path
         ) from None
-    return parse_config(text, source=path, environ=environ)

@@ -74,7 +74,12 @@ class ServerConfig:
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     #: CIDR networks allowed to set X-Forwarded-For.
     trusted_proxies: tuple[str, ...] = ()
+    #: After SIGTERM: how long in-flight requests may take to finish (and
+    #: WebSockets stay open) before the rest is closed.
     shutdown_grace: float = 30.0
+    #: After SIGTERM, /ready is 503 at once but the listeners keep accepting
+    #: this long, so load balancers (Kubernetes endpoints) stop sending first.
+    shutdown_delay: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +101,18 @@ class UpstreamServer:
 
 @dataclass(frozen=True, slots=True)
 class DiscoveryConfig:
+    """``upstreams.X.discovery``: where the upstream's instances come from.
+
+    ``options`` holds the provider's own settings (validated per ``type``, all
+    scalars); it is left out of the hash (a dict has none) but not out of
+    equality, so the config stays usable as a ``Runtime.shared`` key.
+    """
+
     type: str
     name: str
     port: int | None = None
     refresh: float = 10.0
-    options: Mapping[str, object] = field(default_factory=dict)
+    options: Mapping[str, object] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, slots=True)

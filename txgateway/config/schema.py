@@ -649,6 +649,7 @@ _SERVER_KEYS = (
     "websocket",
     "trusted_proxies",
     "shutdown_grace",
+    "shutdown_delay",
 )
 
 
@@ -707,6 +708,7 @@ def _server(b: _Block) -> model.ServerConfig:
         websocket=websocket,
         trusted_proxies=b.items("trusted_proxies", to_network),
         shutdown_grace=b.get("shutdown_grace", duration(), _SERVER.shutdown_grace),
+        shutdown_delay=b.get("shutdown_delay", duration(), _SERVER.shutdown_delay),
     )
 
 
@@ -750,8 +752,42 @@ def _admin(b: _Block) -> model.AdminConfig:
         listen = b.get("listen_addr", tcp_endpoint, listen)
     else:
         listen = b.get("listen", endpoint_string, listen)
+    raw_token = b.data.get("token")
     token = b.get("token", to_str, None)
+    # Only a token left out or empty: a mistyped or unresolved one is reported already.
+    if (raw_token is None or raw_token == "") and b.ok and not admin_bind_is_local(listen):
+        where = b.at("listen_addr") if b.given("listen_addr") else b.at("listen")
+        b.ctx.problem(
+            b.at("token"),
+            f"required when {where} binds a non-loopback address ({listen}): set a token"
+            " (e.g. token: \"${ADMIN_TOKEN}\" with ADMIN_TOKEN in the environment) or bind 127.0.0.1",
+        )
     return model.AdminConfig(listen=listen, token=token or None)
+
+
+def admin_bind_is_local(listen: str) -> bool:
+    """Whether an admin endpoint is reachable from this host only: a unix socket or
+    a loopback interface.  No interface (all addresses), another address, or an
+    endpoint whose address the config cannot see (systemd) is not."""
+    parts = split_endpoint(listen)
+    kind = parts[0]
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    keywords = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    positional = [p for p in parts[1:] if "=" not in p]
+    interface = keywords.get("interface")
+    if interface is None and kind != "ssl" and len(positional) > 1:
+        interface = positional[1]  # tcp:PORT:INTERFACE
+    if not interface:
+        return False
+    if interface.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # -- upstreams ----------------------------------------------------------------
@@ -761,15 +797,45 @@ _UPSTREAM_KEYS = (
     "passive_health", "circuit_breaker", "retry", "timeouts", "pool", "fallback",
 )  # fmt: skip
 
+
+def to_resolver_address(value: object) -> str:
+    """A DNS server as ``ip`` or ``ip:port`` (``[v6]:port``); the port defaults to 53."""
+    text = to_str(value).strip()
+    if _is_ip(text):
+        host, port = text, 53
+    else:
+        host, port = split_host_port(text, need_host=True, allow_port_zero=False)
+        if not _is_ip(host):
+            raise ValueError(f"expected an IP address (and port) of a DNS server, got {text!r}")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+#: ``_service._proto.name``: a name that is looked up as SRV unless ``record_type`` says otherwise.
+_SRV_NAME = re.compile(r"_[^.]+\._(?:tcp|udp|tls)\.", re.IGNORECASE)
+
+#: Per discovery type, its own keys (flat in the ``discovery`` block, kept in
+#: ``DiscoveryConfig.options``).  txgateway/upstream/discovery/ documents each.
 _DISCOVERY_OPTIONS: dict[str, dict[str, Convert[object]]] = {
-    "dns": {"record_type": choice(("A", "AAAA", "SRV"))},
-    "kubernetes": {"namespace": to_nonempty_str, "url": to_url(("http", "https"))},
-    "consul": {"url": to_url(("http", "https")), "datacenter": to_nonempty_str, "tag": to_nonempty_str},
+    "dns": {"record_type": choice(("A", "AAAA", "SRV")), "resolver": to_resolver_address},
+    "kubernetes": {
+        "namespace": to_nonempty_str,
+        "url": to_url(("http", "https")),
+        "port_name": to_nonempty_str,
+        "token_path": to_nonempty_str,
+        "ca_path": to_nonempty_str,
+    },
+    "consul": {
+        "url": to_url(("http", "https")),
+        "datacenter": to_nonempty_str,
+        "tag": to_nonempty_str,
+        "token": to_nonempty_str,
+    },
     "etcd": {"url": to_url(("http", "https")), "prefix": to_nonempty_str},
 }
+#: Kubernetes' namespace, URL, token and CA default to the pod's own (in-cluster).
 _DISCOVERY_DEFAULTS: dict[str, dict[str, object]] = {
-    "dns": {"record_type": "A"},
-    "kubernetes": {"namespace": "default"},
+    "dns": {},
+    "kubernetes": {},
     "consul": {"url": "http://127.0.0.1:8500"},
     "etcd": {"url": "http://127.0.0.1:2379", "prefix": "/services/"},
 }
@@ -934,8 +1000,11 @@ def _discovery(b: _Block) -> model.DiscoveryConfig | None:
                 b.ctx.problem(b.at(key), f"only applies to discovery type {' or '.join(owners)}, not {kind}")
                 continue
             options[key] = b.get(key, allowed[key], None)
-        if kind == "dns" and options.get("record_type") != "SRV" and not b.given("port"):
-            b.ctx.problem(b.at("port"), "required for dns discovery (unless record_type is SRV)")
+        if kind == "dns":
+            if "record_type" not in options:
+                options["record_type"] = "SRV" if name is not None and _SRV_NAME.match(name) else "A"
+            if options["record_type"] != "SRV" and not b.given("port"):
+                b.ctx.problem(b.at("port"), "required for dns discovery (unless record_type is SRV)")
     if kind is None or name is None:
         return None
     return model.DiscoveryConfig(type=kind, name=name, port=port, refresh=refresh, options=options)
@@ -1487,6 +1556,17 @@ def _observability(b: _Block) -> model.ObservabilityConfig:
     mb = b.block("metrics", ("enabled",))
     tb = b.block("tracing", ("enabled", "otlp_endpoint", "sample_ratio", "service_name"))
     tracing_present = bool(tb.data)
+    tracing_enabled = tb.get("enabled", to_bool, True if tracing_present else _TRACING.enabled)
+    if tracing_enabled:
+        from txgateway.observability.tracing import export_unavailable
+
+        missing = export_unavailable()
+        if missing is not None:
+            tb.ctx.problem(
+                tb.at("enabled"),
+                f"span export needs the OpenTelemetry SDK, which is not installed ({missing}): "
+                "pip install txgateway[tracing]",
+            )
     return model.ObservabilityConfig(
         access_log=model.AccessLogConfig(
             enabled=lb.get("enabled", to_bool, _ACCESS_LOG.enabled),
@@ -1495,7 +1575,7 @@ def _observability(b: _Block) -> model.ObservabilityConfig:
         ),
         metrics_enabled=mb.get("enabled", to_bool, _OBSERVABILITY.metrics_enabled),
         tracing=model.TracingConfig(
-            enabled=tb.get("enabled", to_bool, True if tracing_present else _TRACING.enabled),
+            enabled=tracing_enabled,
             otlp_endpoint=tb.get("otlp_endpoint", to_url(("http", "https")), _TRACING.otlp_endpoint),
             sample_ratio=tb.get("sample_ratio", float_range(0, 1), _TRACING.sample_ratio),
             service_name=tb.get("service_name", to_nonempty_str, _TRACING.service_name),

@@ -42,6 +42,12 @@ class BreakerStage:
                 breaker.record(ticket, True if counts else None)
                 return failure
 
-            return next(ctx).addCallbacks(succeeded, failed)
+            try:
+                d = next(ctx)
+            except Exception:  # noqa: BLE001 - e.g. no available instance, raised at once
+                # Counted like a failed Deferred, so a half-open probe slot is
+                # always given back.
+                return fail(failed(Failure()))
+            return d.addCallbacks(succeeded, failed)
 
         return guarded

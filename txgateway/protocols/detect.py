@@ -75,6 +75,12 @@ class ProtocolDetector(Protocol):
         self._cancel_timer()
         self._buffer = b""
         self._protocol = protocol
+        # Once the transport is rewired nothing holds the detector, so the
+        # chosen protocol takes its place among the live connections (weak)
+        # for the graceful shutdown to reach it.
+        live = self.factory._counter.live
+        live.discard(self)
+        live.add(protocol)
         transport = self.transport
         protocol.makeConnection(transport)
         # tcp.Server calls .protocol, TLSMemoryBIOProtocol .wrappedProtocol.
@@ -95,6 +101,20 @@ class ProtocolDetector(Protocol):
         self._timer = None
         if self.transport is not None:
             self.transport.loseConnection()
+
+    def drain(self) -> None:
+        """Graceful shutdown: the chosen protocol's drain; undecided, nothing was asked yet: close."""
+        if self._protocol is not None:
+            self._protocol.drain()  # type: ignore[attr-defined]
+        elif self.transport is not None:
+            self._cancel_timer()
+            self.transport.loseConnection()
+
+    def force_close(self) -> None:
+        if self._protocol is not None:
+            self._protocol.force_close()  # type: ignore[attr-defined]
+        elif self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None
@@ -129,7 +149,9 @@ class GatewayServerFactory(HTTP11ServerFactory):
                 return None
         elif not self.admit():
             return None
-        return ProtocolDetector(self)
+        detector = ProtocolDetector(self)
+        self._counter.live.add(detector)
+        return detector
 
     def connection_closed(self) -> None:
         if self._counter is self:
@@ -148,6 +170,13 @@ def tls_endpoint(reactor: object, tls: TLSConfig) -> SSL4ServerEndpoint:
     parts = split_endpoint(tls.listen)
     port = int(parts[1])
     options = dict(part.split("=", 1) for part in parts[2:] if "=" in part)
+    return SSL4ServerEndpoint(reactor, port, tls_context(tls), interface=options.get("interface", ""))
+
+
+def tls_context(tls: TLSConfig) -> CertificateOptions:
+    """The TLS settings of ``server.tls`` (certificate chain, key, ALPN h2 then
+    http/1.1), also for a worker wrapping an inherited socket in TLS.
+    Raises like :func:`tls_endpoint` for unreadable certificates."""
     with open(tls.cert, "rb") as cert_file:
         cert_pem = cert_file.read()
     with open(tls.key, "rb") as key_file:
@@ -155,10 +184,9 @@ def tls_endpoint(reactor: object, tls: TLSConfig) -> SSL4ServerEndpoint:
     leaf = PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
     marker = b"-----BEGIN CERTIFICATE-----"
     chain = [Certificate.loadPEM(marker + block) for block in cert_pem.split(marker)[2:]]
-    context = CertificateOptions(
+    return CertificateOptions(
         privateKey=leaf.privateKey.original,
         certificate=leaf.original,
         extraCertChain=[cert.original for cert in chain],
         acceptableProtocols=ALPN_PROTOCOLS,
     )
-    return SSL4ServerEndpoint(reactor, port, context, interface=options.get("interface", ""))

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from weakref import WeakSet
 
 import httptools
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -65,6 +66,9 @@ Headers = list[tuple[bytes, bytes]]
 
 #: Request body bytes held while nobody consumes them yet, before reading pauses.
 _BODY_BUFFER_HIGH = 64 * 1024
+#: The status an exchange is counted and logged with when the client went away
+#: before its response ended (nginx's "client closed request").
+CLIENT_CLOSED_REQUEST = 499
 
 
 @implementer(IRequestBody)
@@ -181,6 +185,7 @@ class _ResponseWriter:
 
     def write(self, data: bytes) -> None:
         if data and self._channel.transport is not None:
+            self._exchange.ctx.bytes_out += len(data)
             self._channel.transport.write(chunk(data) if self._chunked else data)
 
     def finish(self) -> None:
@@ -197,11 +202,13 @@ class _Exchange:
     """One request/response on the connection."""
 
     __slots__ = (
+        "accounted",
         "body",
         "close_delimited",
         "ctx",
         "deferred",
         "finished",
+        "gateway",
         "keep_alive",
         "raw",
         "responded",
@@ -210,6 +217,10 @@ class _Exchange:
 
     def __init__(self, ctx: RequestContext, body: RequestBody | None, keep_alive: bool) -> None:
         self.ctx = ctx
+        #: The generation that handled it (``exchange_done`` goes there), once dispatched.
+        self.gateway: Gateway | None = None
+        #: ``exchange_done`` was called: the exchange is over for the observers.
+        self.accounted = False
         self.body = body
         self.keep_alive = keep_alive
         self.deferred: Deferred[Response] | None = None
@@ -229,6 +240,9 @@ class HTTP11ServerProtocol(Protocol):
         self.factory = factory
         self.limits: Limits = factory.limits()
         self._clock = factory.clock
+        metrics = factory.gateway().runtime.metrics
+        self._in_flight = metrics.in_flight["http/1.1"]
+        self._connections = metrics.open_connections
         self._parser = httptools.HttpRequestParser(self)
         self._client_ip = ""
         self._client_port = 0
@@ -243,6 +257,8 @@ class HTTP11ServerProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._closing = False
         self._lost = False
+        #: Graceful shutdown: the last request answered ends the connection.
+        self._draining = False
         self._pending_error: GatewayError | None = None
         #: Raw bytes since the last message boundary (for WebSocket upgrades), and
         #: whether they start exactly at the request being parsed.
@@ -258,6 +274,7 @@ class HTTP11ServerProtocol(Protocol):
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self._client_ip = getattr(peer, "host", "") or ""
         self._client_port = getattr(peer, "port", 0) or 0
+        self._connections["http/1.1"].inc()
         self._set_timer(self.limits.header_timeout, self._idle_expired)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
@@ -267,6 +284,7 @@ class HTTP11ServerProtocol(Protocol):
             return
         self._lost = True
         self._cancel_timer()
+        self._connections["http/1.1"].dec()
         self.factory.connection_closed()
         gone = Failure(CancelledError("client went away"))
         exchanges = [self._current, *self._queue]
@@ -277,6 +295,8 @@ class HTTP11ServerProtocol(Protocol):
         for exchange in exchanges:
             if exchange is None:
                 continue
+            # The client left before the response ended: 499, like nginx.
+            self._account(exchange, CLIENT_CLOSED_REQUEST)
             if exchange.body is not None and not exchange.body.done:
                 exchange.body._channel = None
                 exchange.body._failed(gone)
@@ -404,6 +424,7 @@ class HTTP11ServerProtocol(Protocol):
             started=self._clock.seconds(),
         )
         exchange = _Exchange(ctx, body, parser.should_keep_alive())
+        self._in_flight.inc()
         if parser.should_upgrade() and method == b"GET" and _is_websocket_upgrade(headers):
             # Gateway.handle turns it back into plain HTTP on a route without websocket.
             ctx.protocol = "websocket"
@@ -471,7 +492,8 @@ class HTTP11ServerProtocol(Protocol):
     def _dispatch(self, exchange: _Exchange) -> None:
         self._current = exchange
         try:
-            d = self.factory.gateway().handle(exchange.ctx)
+            gateway = exchange.gateway = self.factory.gateway()
+            d = gateway.handle(exchange.ctx)
         except Exception:  # noqa: BLE001 - any bug becomes a 500, never a traceback
             self.log.failure("gateway.handle raised")
             self._respond_error(exchange, GatewayError())
@@ -512,7 +534,7 @@ class HTTP11ServerProtocol(Protocol):
         exchange.responded = True
         ctx = exchange.ctx
         body = response.body
-        keep_alive = exchange.keep_alive and not self._closing
+        keep_alive = exchange.keep_alive and not self._closing and not (self._draining and not self._queue)
         request_body = exchange.body
         if request_body is not None and not request_body.done:
             # The request body was not (fully) read: the connection cannot
@@ -541,12 +563,14 @@ class HTTP11ServerProtocol(Protocol):
         elif ctx.version == (1, 0):
             framing += b"connection: keep-alive\r\n"
         exchange.keep_alive = keep_alive
+        ctx.status = response.status
         transport = self.transport
         head = status_line(response.status, response.reason) + encode_headers(response.headers) + framing + b"\r\n"
         if body is None:
             transport.write(head)
             self.response_finished(exchange)
         elif isinstance(body, BytesBody):
+            ctx.bytes_out = len(body.data)
             transport.write(head + body.data)
             self.response_finished(exchange)
         else:
@@ -556,16 +580,38 @@ class HTTP11ServerProtocol(Protocol):
             body.deliverTo(_ResponseWriter(self, exchange, chunked))
 
     def _take_over(self, exchange: _Exchange, upgrade: WebSocketUpgrade) -> None:
-        """The pipeline accepted a WebSocket upgrade: Autobahn gets the connection."""
-        exchange.responded = exchange.finished = True
+        """The pipeline accepted a WebSocket upgrade: Autobahn gets the connection.
+
+        The request is no longer in flight; its exchange (status 101) ends,
+        for the observers, when the WebSocket connection closes.
+        """
+        exchange.responded = exchange.finished = exchange.accounted = True
         self._closing = True
         self._cancel_timer()
         self._upgrade = None
+        for queued in self._queue:  # never answered: status 0
+            self._account(queued)
         self._queue.clear()
         self._current = None
         transport = self.transport
         raw = exchange.raw or self._rebuild(exchange)
-        protocol = take_over(transport, upgrade, raw, self._clock, self.factory.connection_closed)
+        ctx = exchange.ctx
+        ctx.status = 101
+        self._in_flight.dec()
+        connections = self._connections
+        connections["http/1.1"].dec()
+        connections["websocket"].inc()
+        gateway = exchange.gateway or self.factory.gateway()
+        clock = self._clock
+        closed = self.factory.connection_closed
+
+        def lost() -> None:
+            connections["websocket"].dec()
+            ctx.ended = clock.seconds()
+            gateway.exchange_done(ctx)
+            closed()
+
+        protocol = take_over(transport, upgrade, raw, clock, lost, ctx)
         self._handoff = protocol
         # tcp.Server calls .protocol, TLSMemoryBIOProtocol .wrappedProtocol.
         if getattr(transport, "protocol", None) is self:
@@ -582,6 +628,7 @@ class HTTP11ServerProtocol(Protocol):
         exchange.finished = True
         if exchange.response_body is not None and self.transport is not None and not self._lost:
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        self._account(exchange)
         if self._lost:
             return
         if self._pending_error is not None:
@@ -601,8 +648,10 @@ class HTTP11ServerProtocol(Protocol):
         With Content-Length or chunked framing a close after the bytes sent so
         far shows the truncation (and keeps the head the client may still be
         reading); a close-delimited body would look complete, so it is reset.
+        The exchange keeps the status its head said, with the bytes sent.
         """
         exchange.finished = True
+        self._account(exchange)
         if self.transport is not None and not self._lost:
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.log.warn(
@@ -623,6 +672,8 @@ class HTTP11ServerProtocol(Protocol):
             if not self._queue:
                 self.resume_reading("pipeline")
             self._dispatch(exchange)
+        elif self._draining and not self._in_head:
+            self._close()  # answered everything it was sent: the shutdown may go on
         else:
             self.resume_reading("pipeline")
             if not self._in_head:
@@ -643,6 +694,25 @@ class HTTP11ServerProtocol(Protocol):
         self.resume_reading("body")
         if self._current is not None and self._current.body is body:
             self._current.keep_alive = False
+
+    # Graceful shutdown (from the factory).
+
+    def drain(self) -> None:
+        """Close now if idle, else after the response to the last request received."""
+        if self._lost or self._handoff is not None or self._draining:
+            return
+        self._draining = True
+        if self._current is None and not self._queue and self._incoming is None and not self._in_head:
+            self._close()
+        elif self._current is not None and self._current.finished and not self._queue:
+            self._close()
+
+    def force_close(self) -> None:
+        if self._lost or self._handoff is not None or self.transport is None:
+            return
+        self._closing = True
+        self._cancel_timer()
+        self.transport.abortConnection()  # type: ignore[attr-defined]
 
     # Errors and closing.
 
@@ -670,10 +740,42 @@ class HTTP11ServerProtocol(Protocol):
             self._pending_error = error
 
     def _error_exchange(self) -> _Exchange:
-        """An exchange for an error found before a request could be built."""
-        ctx = RequestContext(b"GET", "/", b"", [], client_ip=self._client_ip)
-        ctx.request_id = self.factory.gateway().request_ids.next()
-        return _Exchange(ctx, None, False)
+        """An exchange for an error found before a request could be built.
+
+        Its method and path are "-" (nothing usable was read); it counts and
+        is logged like any exchange, with no route.
+        """
+        gateway = self.factory.gateway()
+        ctx = RequestContext(
+            b"-", "-", b"", [], client_ip=self._client_ip, client_port=self._client_port, started=self._clock.seconds()
+        )
+        ctx.request_id = gateway.request_ids.next()
+        exchange = _Exchange(ctx, None, False)
+        exchange.gateway = gateway
+        self._in_flight.inc()
+        return exchange
+
+    def _account(self, exchange: _Exchange, status: int | None = None) -> None:
+        """The exchange is over: fill in what it came to and tell its gateway, once.
+
+        ``status`` overrides the one the response head gave (499: the client
+        went away first).
+        """
+        if exchange.accounted:
+            return
+        exchange.accounted = True
+        ctx = exchange.ctx
+        if status is not None:
+            ctx.status = status
+        body = exchange.body
+        if body is not None:
+            ctx.bytes_in = body.received
+        ctx.ended = self._clock.seconds()
+        self._in_flight.dec()
+        gateway = exchange.gateway
+        if gateway is None:  # never dispatched (a pipelined request the client left behind)
+            gateway = self.factory.gateway()
+        gateway.exchange_done(ctx)
 
     def _close(self) -> None:
         self._closing = True
@@ -720,6 +822,12 @@ class HTTP11ServerFactory(Factory):
         self.scheme = scheme
         self.open_connections = 0
         self._refused_logged = False
+        #: The connections' protocols, for a graceful shutdown to reach them
+        #: (weak: a closed connection's protocol goes when nothing else holds it).
+        self.live: WeakSet[Any] = WeakSet()
+        #: Set by ``drain()``: responses end their connections, idle ones close.
+        self.draining = False
+        self._idle_waiters: list[Deferred[None]] = []
 
     def limits(self) -> Limits:
         return self.gateway().config.server.limits
@@ -727,7 +835,36 @@ class HTTP11ServerFactory(Factory):
     def buildProtocol(self, addr: object) -> Protocol | None:
         if not self.admit():
             return None
-        return HTTP11ServerProtocol(self)
+        protocol = HTTP11ServerProtocol(self)
+        self.live.add(protocol)
+        return protocol
+
+    # Graceful shutdown.
+
+    def drain(self) -> None:
+        """Ask every connection to finish what it started and close.
+
+        Idle keep-alive connections close now; a connection with a request
+        in progress answers it with ``Connection: close`` (HTTP/2: GOAWAY,
+        then the started streams finish); WebSocket relays are left to the
+        shutdown, which closes them with 1001 when the grace period ends.
+        """
+        self.draining = True
+        for protocol in list(self.live):
+            protocol.drain()
+
+    def force_close(self) -> None:
+        """The grace period is over: close every connection still open, now."""
+        for protocol in list(self.live):
+            protocol.force_close()
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no connection is open."""
+        if self.open_connections <= 0:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
 
     def admit(self) -> bool:
         """Count a new connection, or refuse it past ``max_connections``."""
@@ -745,3 +882,7 @@ class HTTP11ServerFactory(Factory):
 
     def connection_closed(self) -> None:
         self.open_connections -= 1
+        if self.open_connections <= 0 and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)

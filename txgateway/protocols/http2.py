@@ -44,6 +44,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
@@ -66,6 +67,7 @@ from txgateway.messages import Response
 from txgateway.pipeline.context import RequestContext
 
 if TYPE_CHECKING:
+    from txgateway.gateway import Gateway
     from txgateway.protocols.http1 import HTTP11ServerFactory
 
 Headers = list[tuple[bytes, bytes]]
@@ -100,6 +102,13 @@ _NOT_IN_H2 = frozenset(
 )
 _NOT_IN_H2_NO_BODY = _NOT_IN_H2 - {b"content-length"}
 _STATUS = {code: b"%d" % code for code in range(100, 600)}
+#: The status an exchange is counted and logged with when the client left
+#: before its response ended (nginx's "client closed request").
+CLIENT_CLOSED_REQUEST = 499
+#: Why a stream is cancelled, when it is the client's doing.
+_CLIENT_LEFT = frozenset({"client went away", "client reset the stream", "client sent GOAWAY", "stream closed"})
+#: The grpc-status values counted as they are (others: 2, UNKNOWN).
+_GRPC_STATUSES = frozenset(b"%d" % code for code in range(17))
 #: gRPC timeout units as (multiplier, divisor) of seconds.
 _GRPC_TIMEOUT_UNITS = {
     b"H": (3600, 1),
@@ -118,6 +127,13 @@ def grpc_timeout(value: bytes) -> float | None:
     if unit is None or not 0 < len(digits) <= 8 or not digits.isdigit():
         return None
     return int(digits) * unit[0] / unit[1]
+
+
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for n, v in headers:
+        if n == name:
+            return v
+    return None
 
 
 def _fields(headers: Headers, drop: frozenset[bytes]) -> Headers:
@@ -346,12 +362,15 @@ class _Stream:
     """One request/response exchange; the sink its response body is delivered to."""
 
     __slots__ = (
+        "accounted",
         "body",
         "closed",
         "ctx",
         "deferred",
         "ended",
+        "gateway",
         "grpc",
+        "grpc_status",
         "id",
         "left",
         "paused",
@@ -388,6 +407,12 @@ class _Stream:
         self.remote_ended = body is None
         #: The stream is over for us: nothing more is sent on it.
         self.closed = False
+        #: The generation that handled it (``exchange_done`` goes there).
+        self.gateway: Gateway | None = None
+        #: ``exchange_done`` was called: the exchange is over for the observers.
+        self.accounted = False
+        #: The grpc-status sent (headers of a Trailers-Only answer, or trailers).
+        self.grpc_status: bytes | None = None
 
     def write(self, data: bytes) -> None:
         self.protocol.response_data(self, data)
@@ -429,6 +454,8 @@ class HTTP2ServerProtocol(Protocol):
         self.limits = gateway.config.server.limits
         self.settings = gateway.config.server.http2
         self._clock = factory.clock
+        self._metrics = gateway.runtime.metrics
+        self._in_flight = self._metrics.in_flight["h2"]
         header_list = self.settings.max_header_list_size or self.limits.max_header_bytes
         self._max_header_list = min(header_list, 2**32 - 1)
         self._conn = H2Connection(config=_CONFIG)
@@ -452,6 +479,8 @@ class HTTP2ServerProtocol(Protocol):
         #: A header block spread over CONTINUATION frames must end in time.
         self._block_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
+        #: Graceful shutdown: the last stream id our GOAWAY promised to serve.
+        self._drain_last: int | None = None
 
     # Connection lifecycle.
 
@@ -476,6 +505,7 @@ class HTTP2ServerProtocol(Protocol):
         conn.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
         transport.registerProducer(_WriteBackpressure(self), True)  # type: ignore[attr-defined]
         self._timer = self._clock.callLater(self.limits.header_timeout, self._expired)
+        self._metrics.open_connections["h2"].inc()
         self._write_out()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
@@ -484,6 +514,7 @@ class HTTP2ServerProtocol(Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._timer = self._block_timer = self._abort_timer = None
+        self._metrics.open_connections["h2"].dec()
         self.factory.connection_closed()
         self._abandon_streams("client went away")
 
@@ -541,6 +572,13 @@ class HTTP2ServerProtocol(Protocol):
     def _on_request(self, event: RequestReceived) -> None:
         stream_id: int = event.stream_id
         if self._reset_here is not None and stream_id in self._reset_here:
+            return
+        if self._drain_last is not None and stream_id > self._drain_last:
+            # Opened after our GOAWAY: refused, so the client retries it elsewhere.
+            try:
+                self._conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            except ProtocolError:
+                pass
             return
         timer = self._timer
         if timer is not None:
@@ -620,14 +658,16 @@ class HTTP2ServerProtocol(Protocol):
                 ctx.deadline = now + seconds
         stream = _Stream(self, stream_id, ctx, body, grpc)
         self._streams[stream_id] = stream
+        self._in_flight.inc()
+        gateway = stream.gateway = self.factory.gateway()
         if method == b"CONNECT":
             problem = NotImplementedByGateway("CONNECT is not supported")
         if problem is not None:
-            ctx.request_id = self.factory.gateway().request_ids.next()
+            ctx.request_id = gateway.request_ids.next()
             self._respond_error(stream, problem)
             return
         try:
-            d = self.factory.gateway().handle(ctx)
+            d = gateway.handle(ctx)
         except Exception:  # noqa: BLE001 - any bug becomes a 500, never a traceback
             self.log.failure("gateway.handle raised")
             self._respond_error(stream, GatewayError())
@@ -747,7 +787,10 @@ class HTTP2ServerProtocol(Protocol):
             if stream.responded or stream.closed or self._closing:
                 return
             stream.responded = True
-            self._send_headers(stream, render_grpc(error, request_id), True)
+            headers = render_grpc(error, request_id)
+            stream.ctx.status = 200
+            stream.grpc_status = _header(headers, b"grpc-status")
+            self._send_headers(stream, headers, True)
             self._response_complete(stream)
             self.flush()
             return
@@ -763,14 +806,16 @@ class HTTP2ServerProtocol(Protocol):
                 body.stopProducing()
             return
         stream.responded = True
-        status = response.status
+        status = stream.ctx.status = response.status
+        if stream.grpc:
+            stream.grpc_status = _header(response.headers, b"grpc-status")
         if stream.ctx.method == b"HEAD" or status in (204, 304):
             if body is not None:
                 body.deliverTo(DISCARD)
             headers = [(b":status", _STATUS[status]), *_fields(response.headers, _NOT_IN_H2_NO_BODY)]
             self._send_headers(stream, headers, True)
             self._response_complete(stream)
-        elif body is None or (stream.grpc and any(n == b"grpc-status" for n, _ in response.headers)):
+        elif body is None or stream.grpc_status is not None:
             # No body, or gRPC's Trailers-Only form: one HEADERS frame ends the stream.
             if body is not None:
                 body.deliverTo(DISCARD)
@@ -796,6 +841,7 @@ class HTTP2ServerProtocol(Protocol):
     def response_data(self, stream: _Stream, data: bytes) -> None:
         if stream.closed or not data:
             return
+        stream.ctx.bytes_out += len(data)
         stream.pending.append(data)
         left = stream.left
         if left is not None:
@@ -814,6 +860,8 @@ class HTTP2ServerProtocol(Protocol):
         trailers = getattr(stream.response_body, "trailers", None)
         if trailers:
             stream.trailers = _fields(trailers, _NOT_IN_H2)
+            if stream.grpc:
+                stream.grpc_status = _header(stream.trailers, b"grpc-status")
         self._pump(stream)
         self.flush()
 
@@ -898,6 +946,7 @@ class HTTP2ServerProtocol(Protocol):
         body = stream.body
         if body is not None and not body.done:
             body._failed(Failure(CancelledError("response sent before the request ended")))
+        self._account(stream)
 
     # Write backpressure, from the transport.
 
@@ -947,13 +996,18 @@ class HTTP2ServerProtocol(Protocol):
         if self._streams.pop(stream.id, None) is not None and not self._streams and not self._closing:
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
-            self._timer = self._clock.callLater(self.limits.idle_timeout, self._expired)
+            if self._drain_last is not None:
+                # Draining and the last stream is done: close (after this turn's writes).
+                self._timer = self._clock.callLater(0, self._expired)
+            else:
+                self._timer = self._clock.callLater(self.limits.idle_timeout, self._expired)
 
     def _cancel(self, stream: _Stream, why: str) -> None:
         """Stop everything the stream started: pipeline, upload, response body."""
         if stream.closed:
             return
         self._close_stream(stream)
+        self._account(stream, CLIENT_CLOSED_REQUEST if why in _CLIENT_LEFT else None)
         stream.pending.clear()
         body = stream.body
         if body is not None and not body.done:
@@ -963,6 +1017,38 @@ class HTTP2ServerProtocol(Protocol):
         elif stream.deferred is not None and not stream.responded:
             stream.responded = True
             stream.deferred.cancel()
+
+    def _account(self, stream: _Stream, status: int | None = None) -> None:
+        """The stream is over: fill in what its exchange came to and tell its gateway, once.
+
+        ``status`` overrides the one the response head gave (499: the client
+        left first); a stream the gateway ended before any head keeps 0.
+        gRPC calls are counted by grpc-status: the one sent, 1 (CANCELLED)
+        when the client left, else 2 (UNKNOWN: none was sent).
+        """
+        if stream.accounted:
+            return
+        stream.accounted = True
+        ctx = stream.ctx
+        if status is not None:
+            ctx.status = status
+        body = stream.body
+        if body is not None:
+            ctx.bytes_in = body.received
+        ctx.ended = self._clock.seconds()
+        self._in_flight.dec()
+        if stream.grpc:
+            sent = stream.grpc_status
+            if sent is not None and sent in _GRPC_STATUSES:
+                code = sent.decode("ascii")
+            else:
+                code = "1" if ctx.status == CLIENT_CLOSED_REQUEST else "2"
+            route = ctx.route
+            self._metrics.grpc_call(route.name if route is not None else "", code)
+        gateway = stream.gateway
+        if gateway is None:
+            gateway = self.factory.gateway()
+        gateway.exchange_done(ctx)
 
     def _abandon_streams(self, why: str) -> None:
         for stream in list(self._streams.values()):
@@ -1003,6 +1089,33 @@ class HTTP2ServerProtocol(Protocol):
         self._abandon_streams("connection closed by the gateway")
         self._write_out()
         self._lose()
+
+    # Graceful shutdown (from the factory).
+
+    def drain(self) -> None:
+        """GOAWAY now, naming the last stream we will serve; those streams finish, then we close.
+
+        h2 allows no frames after its own ``close_connection``, so this first
+        GOAWAY is written around it (RFC 9113 6.8 permits several); the final
+        one goes through h2 once the last stream is done.
+        """
+        if self._closing or self._lost or self._drain_last is not None or self.transport is None:
+            return
+        if not self._streams:
+            self._goaway(ErrorCodes.NO_ERROR, None)
+            return
+        self._drain_last = self._conn.highest_inbound_stream_id
+        self._write_out()
+        self.transport.write(GoAwayFrame(0, last_stream_id=self._drain_last, error_code=0).serialize())
+
+    def force_close(self) -> None:
+        """The grace period is over: the streams still open are cancelled, the connection closed."""
+        if self._lost:
+            return
+        if self._closing:
+            self._abort()
+        else:
+            self._goaway(ErrorCodes.NO_ERROR, None)
 
     def _lose(self) -> None:
         transport = self.transport
