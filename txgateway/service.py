@@ -7,7 +7,11 @@ instead of a gateway that runs without its listener.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -19,10 +23,14 @@ from twisted.python.failure import Failure
 
 from txgateway.admin.resource import admin_site
 from txgateway.config.model import GatewayConfig, UpstreamConfig
+from txgateway.control import ReloadResult
 from txgateway.gateway import Gateway
 from txgateway.interfaces import IUpstreamClient
-from txgateway.protocols.detect import GatewayServerFactory, tls_endpoint
+from txgateway.protocols.detect import GatewayServerFactory, tls_context, tls_endpoint
+from txgateway.reload import Reloader
 from txgateway.runtime import Runtime
+from txgateway.shutdown import GracefulShutdown
+from txgateway.transport import eager_port
 from txgateway.upstream.http2 import H2Client
 from txgateway.upstream.pool import HTTP11Client
 
@@ -32,19 +40,44 @@ class ListenError(Exception):
 
 
 class GatewayService(MultiService):
+    """Listeners, the current gateway generation, reloads and the shutdown sequence.
+
+    Implements :class:`txgateway.control.GatewayControl` for the admin listener.
+    ``watch`` (twistd sets it) installs the SIGHUP handler and polls the
+    config file for changes; in-process tests leave it off and call ``reload``.
+    """
+
     log = Logger()
 
-    def __init__(self, config: GatewayConfig, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        reactor: Any = None,
+        *,
+        watch: bool = False,
+        inherited: Mapping[str, int] | None = None,
+    ) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self.reactor = reactor
+        #: The configuration of the current generation.
         self.config = config
-        self._clients: dict[str, IUpstreamClient] = {}
+        self._clients: dict[Hashable, IUpstreamClient] = {}
         self.runtime = Runtime(reactor)
-        self.gateway = Gateway(config, self._client_for, self.runtime)
+        self._gateway, self._generation_keys = self.runtime.generation(
+            lambda: Gateway(config, self._client_for, self.runtime)
+        )
+        self._watch = watch
+        #: A worker's listening sockets, inherited from its supervisor: file
+        #: descriptor by endpoint description (txgateway.workers).
+        self._inherited = inherited
+        self.reloader: Reloader | None = None
+        if config.source is not None and not config.source.startswith("<"):
+            self.reloader = Reloader(config.source, self.switch, reactor, self.runtime.metrics)
+            self.reloader.started()
         self.proxy_factory = GatewayServerFactory(lambda: self.gateway, reactor)
         self.tls_factory = GatewayServerFactory(
             lambda: self.gateway, reactor, scheme=b"https", counted_with=self.proxy_factory
@@ -55,14 +88,24 @@ class GatewayService(MultiService):
         self._stopping = False
 
     def _client_for(self, upstream: UpstreamConfig) -> IUpstreamClient:
-        client = self._clients.get(upstream.name)
+        """The client (and connection pool) of an upstream: kept across reloads
+        while its name, protocol and pool settings stay the same."""
+        key = (upstream.name, upstream.protocol, upstream.pool)
+        client = self._clients.get(key)
         if client is None:
             if upstream.protocol in ("h2c", "grpc"):
                 client = H2Client(self.reactor, upstream.pool)
             else:
                 client = HTTP11Client(self.reactor, upstream.pool)
-            self._clients[upstream.name] = client
+            self._clients[key] = client
         return client
+
+    # GatewayControl.
+
+    @property
+    def gateway(self) -> Gateway:
+        """The current generation: what new requests run on."""
+        return self._gateway
 
     def readiness(self) -> str | None:
         """None when ready to take traffic, else the reason (for /ready)."""
@@ -72,9 +115,77 @@ class GatewayService(MultiService):
             return "listeners not up"
         return None
 
+    def reloads(self) -> Sequence[ReloadResult]:
+        return list(self.reloader.history) if self.reloader is not None else []
+
+    def reload(self, trigger: str) -> ReloadResult:
+        if self.reloader is None:
+            import time
+
+            return ReloadResult(
+                1, False, trigger, time.time(), None, errors=("the configuration was not loaded from a file",)
+            )
+        result = self.reloader.reload(trigger)
+        from txgateway.workers import SUPERVISOR_PID_ENV
+
+        supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+        if trigger == "api" and result.ok and not result.unchanged and supervisor:
+            # A worker: the other workers reload too (the supervisor forwards
+            # SIGHUP to all; this one then finds its file unchanged).
+            try:
+                os.kill(int(supervisor), signal.SIGHUP)
+            except (OSError, ValueError) as error:
+                self.log.warn("cannot ask the supervisor to reload the other workers: {error}", error=error)
+        return result
+
+    # Reloading.
+
+    def switch(self, config: GatewayConfig) -> list[str]:
+        """Build a generation from ``config`` and make it current.
+
+        Requests already running finish on the generation they started on;
+        new ones get the new one.  What both generations share (an unchanged
+        upstream's instances, health and breaker, an unchanged route's rate
+        limit buckets, pools, JWKS sets, WebSockets) carries over; what only
+        the old one used is released once ``shutdown_grace`` has passed.
+        Raises when the new generation cannot be built: nothing changes then.
+        """
+        previous = self._gateway
+        gateway, keys = self.runtime.generation(lambda: Gateway(config, self._client_for, self.runtime))
+        changes = describe_changes(self.config, config)
+        old_keys, self._generation_keys = self._generation_keys, keys
+        self._gateway, self.config = gateway, config
+        if self._listening:
+            gateway.start(previous)
+        grace = config.server.shutdown_grace
+        self.runtime.retire(old_keys, keys, grace)
+        in_use = {id(upstream.client) for upstream in gateway.upstreams.values()}
+        for key, client in list(self._clients.items()):
+            if id(client) not in in_use:
+                del self._clients[key]
+                self.reactor.callLater(grace, client.close)
+        return changes
+
+    def _install_signal_handlers(self) -> None:
+        if self.reloader is not None:
+            signal.signal(signal.SIGHUP, self._sighup)
+        # Twisted's own SIGTERM handler makes twistd re-raise the signal after
+        # a clean stop (exit status 143); a graceful shutdown is a success:
+        # exit status 0.
+        signal.signal(signal.SIGTERM, self._sigterm)
+
+    def _sighup(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self.reload, "sighup")
+
+    def _sigterm(self, signum: int, frame: object) -> None:
+        self.log.info("Received SIGTERM, shutting down.")
+        self.reactor.callFromThread(self.reactor.stop)
+
     def _listen(
         self, description: str, factory: Any, endpoint: IStreamServerEndpoint | None = None
     ) -> IListeningPort:
+        if self._inherited is not None:
+            return self._adopt(description, factory)
         result: list[Any] = []
         if endpoint is None:
             endpoint = serverFromString(self.reactor, description)
@@ -86,20 +197,41 @@ class GatewayService(MultiService):
         port: IListeningPort = result[0]
         return port
 
+    def _adopt(self, description: str, factory: Any) -> IListeningPort:
+        """A worker's listener: the supervisor's socket for ``description``, never a new bind."""
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from txgateway.workers import adopt_listener
+
+        assert self._inherited is not None
+        fd = self._inherited.get(description)
+        if fd is None:
+            raise ListenError(
+                f"cannot listen on {description}: the supervisor holds no socket for it "
+                "(changed since the supervisor started? restart it)"
+            )
+        tls = self.config.server.tls
+        if tls is not None and description == tls.listen:
+            factory = TLSMemoryBIOFactory(tls_context(tls), False, factory)
+        try:
+            return adopt_listener(self.reactor, fd, factory)
+        except OSError as error:
+            raise ListenError(f"cannot listen on {description} (inherited fd {fd}): {error}") from None
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         try:
-            admin = admin_site(self.readiness, lambda: self.gateway.upstreams, self.config.admin.token)
+            admin = admin_site(self, self.reactor)
             self.admin_port = self._listen(self.config.admin.listen, admin)
             for description in self.config.server.listen:
-                self.ports.append(self._listen(description, self.proxy_factory))
+                self.ports.append(eager_port(self._listen(description, self.proxy_factory)))
             tls = self.config.server.tls
             if tls is not None:
                 try:
                     endpoint = tls_endpoint(self.reactor, tls)
                 except Exception as error:  # noqa: BLE001 - unreadable cert/key: refuse to start
                     raise ListenError(f"cannot load the TLS certificate/key of {tls.listen}: {error}") from None
-                self.ports.append(self._listen(tls.listen, self.tls_factory, endpoint))
+                self.ports.append(eager_port(self._listen(tls.listen, self.tls_factory, endpoint)))
         except ListenError as error:
             self.log.critical("{error}", error=error)
             print(f"txgateway: {error}", file=sys.stderr)
@@ -113,6 +245,12 @@ class GatewayService(MultiService):
         super().startService()
         self._listening = True
         self.gateway.start()
+        if self._watch:
+            if self.reloader is not None:
+                self.reloader.start()
+            if threading.current_thread() is threading.main_thread():
+                # After the reactor's own handlers (installed as it starts running).
+                self.reactor.callWhenRunning(self._install_signal_handlers)
         for port in self.ports:
             host = port.getHost()
             self.log.info(
@@ -124,14 +262,30 @@ class GatewayService(MultiService):
             )
 
     def stopService(self) -> Deferred[Any]:
+        """The graceful shutdown (see txgateway.shutdown), then pools and shared state."""
         self._stopping = True
+        if self.reloader is not None:
+            self.reloader.stop()
+        server = self.config.server
+        shutdown = GracefulShutdown(
+            self.reactor,
+            self.proxy_factory,
+            self.gateway.websocket_relays,
+            server.shutdown_delay,
+            server.shutdown_grace,
+        )
+        d: Deferred[Any] = shutdown.run(self._stop_listening)
+        d.addErrback(lambda failure: self.log.failure("graceful shutdown failed", failure))
+        d.addCallback(lambda _: self._release())
+        return d
+
+    def _stop_listening(self) -> Deferred[Any]:
         self._listening = False
-        # Open WebSockets first, while their sockets are still up: 1001 to client and upstream.
-        self.gateway.websocket_relays.close_all()
-        stops: list[Deferred[Any]] = [super().stopService()]
         ports, self.ports = self.ports, []
-        for port in ports:
-            stops.append(_stop_port(port))
+        return DeferredList([_stop_port(port) for port in ports], consumeErrors=True)
+
+    def _release(self) -> Deferred[Any]:
+        stops: list[Deferred[Any]] = [super().stopService()]
         if self.admin_port is not None:
             stops.append(_stop_port(self.admin_port))
             self.admin_port = None
@@ -139,6 +293,40 @@ class GatewayService(MultiService):
             stops.append(client.close())
         stops.append(self.runtime.stop())
         return DeferredList(stops, consumeErrors=True)
+
+
+def describe_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """What a reload changes, for the log and ``/admin/reloads``."""
+    changes: list[str] = []
+    old_routes = {route.name: route for route in old.routes}
+    new_routes = {route.name: route for route in new.routes}
+    for kind, before, after in (
+        ("route", old_routes, new_routes),
+        ("upstream", dict(old.upstreams), dict(new.upstreams)),
+    ):
+        for name in after.keys() - before.keys():
+            changes.append(f"{kind} {name}: added")
+        for name in before.keys() - after.keys():
+            changes.append(f"{kind} {name}: removed")
+        for name in before.keys() & after.keys():
+            if before[name] != after[name]:
+                changes.append(f"{kind} {name}: changed")
+    if old.middleware != new.middleware:
+        changes.append("middleware: changed")
+    if old.server.listen != new.server.listen:
+        changes.append("server.listen: changed, takes effect at restart")
+    if old.server.tls != new.server.tls:
+        changes.append("server.tls: changed, takes effect at restart")
+    if old.server.workers != new.server.workers:
+        changes.append("server.workers: changed, takes effect at restart")
+    if old.admin != new.admin:
+        changes.append("admin: changed, takes effect at restart")
+    if old.observability != new.observability:
+        changes.append("observability: changed")
+    for field in ("limits", "http2", "websocket", "trusted_proxies"):
+        if getattr(old.server, field) != getattr(new.server, field):
+            changes.append(f"server.{field}: changed, applies to new connections")
+    return sorted(changes)
 
 
 def _stop_port(port: IListeningPort) -> Deferred[Any]:
