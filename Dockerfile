@@ -3,8 +3,13 @@
 # txgateway container image.
 #
 #   docker build -t txgateway .
-#   docker run --rm -p 8080:8080 -p 9090:9090 txgateway
-#   docker run --rm -p 8080:8080 -v "$PWD/etc:/etc/txgateway:ro" txgateway -c /etc/txgateway/gateway.yaml
+#   docker run --rm -e ADMIN_TOKEN="$(openssl rand -hex 32)" -p 8080:8080 -p 9090:9090 txgateway
+#   docker run --rm -e ADMIN_TOKEN=... -p 8080:8080 -v "$PWD/mine:/etc/txgateway:ro" txgateway
+#       (your own mine/config.yaml; or pass `-c /path/to/file.yaml` after the image name)
+#
+# The default config (deploy/config/gateway.yaml) binds the admin listener to
+# 0.0.0.0, which needs a token: without ADMIN_TOKEN the gateway refuses to
+# start and says so.
 #
 # The build context is cut down by .dockerignore to what the wheel needs
 # (pyproject.toml, setup.cfg, README.md, txgateway/, twisted/) plus
@@ -34,11 +39,15 @@ WORKDIR /src
 COPY . .
 
 # Build the wheel (not an editable/source install) so the image holds exactly
-# what `pip install txgateway` would: that includes the twistd plugin
+# what `pip install txgateway[tracing]` would: that includes the twistd plugin
 # twisted/plugins/txgateway_plugin.py, which lands in the venv's
-# site-packages/twisted/plugins/.
+# site-packages/twisted/plugins/, and the OpenTelemetry SDK + OTLP/HTTP
+# exporter for observability.tracing.  The wheel is named by its path (not
+# `--find-links`), so pip can never pick a package of the same name from an
+# index instead.
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
- && /opt/venv/bin/pip install /wheels/txgateway-*.whl
+ && set -- /wheels/txgateway-*.whl \
+ && /opt/venv/bin/pip install "$1[tracing]"
 
 # Fail the build if twistd cannot see the plugin, and write Twisted's plugin
 # cache (dropin.cache) now: at run time site-packages is read-only and owned
@@ -78,22 +87,26 @@ RUN groupadd --system --gid 10001 txgateway \
 # user can read but not modify its own code.
 COPY --from=builder /opt/venv /opt/venv
 
-# The container config: like etc/gateway.yaml but the admin listener binds
-# 0.0.0.0:9090 so kubelet probes and Prometheus can reach it.
+# The container's default config: no routes yet, the admin listener on
+# 0.0.0.0:9090 (so probes and Prometheus reach it) guarded by ADMIN_TOKEN.
 COPY deploy/config/gateway.yaml /etc/txgateway/config.yaml
-# Refuse to build an image whose own default config does not validate.
-RUN txgateway check -c /etc/txgateway/config.yaml
+# Refuse to build an image whose own default config does not validate (with
+# a stand-in for the token it takes from the environment at run time).
+RUN ADMIN_TOKEN=build-time-check txgateway check -c /etc/txgateway/config.yaml
 
 # twistd's --rundir (default "."): relative paths in a config resolve here.
 WORKDIR /var/lib/txgateway
 USER 10001:10001
 
 # 8080 HTTP/1.1 + h2c + WebSocket, 8443 TLS (when server.tls is configured),
-# 9090 admin: /health /ready /metrics /admin/*.
+# 9090 admin: /health /ready /metrics /admin/* (deploy/kubernetes/ uses the
+# same numbers; tests/test_deploy.py checks that they agree).
 EXPOSE 8080 8443 9090
 
-# twistd handles SIGTERM itself (graceful drain up to server.shutdown_grace);
-# exec form keeps it PID 1 so it receives the signal directly.
+# twistd handles SIGTERM itself: /ready 503, keep accepting for
+# server.shutdown_delay, then drain up to server.shutdown_grace and exit.
+# The exec form keeps it PID 1 so it receives the signal directly; give
+# `docker stop -t` more than delay + grace (the default 10 s is less).
 STOPSIGNAL SIGTERM
 
 # For plain `docker run`; Kubernetes ignores it and uses the probes in
@@ -102,8 +115,8 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open(os.environ['TXGATEWAY_HEALTH_URL'], timeout=2)"]
 
-# --pidfile= : no pid file (the root filesystem may be read-only);
-# -n        : stay in the foreground, log to stdout.
+# -n        : stay in the foreground, log to stdout;
+# --pidfile= : no pid file (the root filesystem may be read-only).
 # Arguments after the image name replace CMD, e.g. `-c /path/other.yaml`.
-ENTRYPOINT ["twistd", "--pidfile=", "-n", "txgateway"]
+ENTRYPOINT ["twistd", "-n", "--pidfile=", "txgateway"]
 CMD ["-c", "/etc/txgateway/config.yaml"]
