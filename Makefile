@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 CONFIG ?= etc/gateway.yaml
 # Debian packages the test suite drives for real: curl as a client, redis-server
 # for the shared rate-limit and cache tests, etcd-server for etcd discovery
-# (the tests start their own on free ports), chromium for the dashboard test.
-TEST_DEBS := curl redis-server etcd-server chromium
+# (the tests start their own on free ports), chromium for the dashboard test,
+# prometheus for promtool (checks the alert rules; no server is started).
+TEST_DEBS := curl redis-server etcd-server chromium prometheus
 BENCH_DEBS := nginx wrk nghttp2-client
 
 .PHONY: setup run test check lint bench system-deps bench-deps clean
