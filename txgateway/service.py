@@ -30,7 +30,6 @@ from txgateway.protocols.detect import GatewayServerFactory, tls_context, tls_en
 from txgateway.reload import Reloader
 from txgateway.runtime import Runtime
 from txgateway.shutdown import GracefulShutdown
-from txgateway.transport import eager_port
 from txgateway.upstream.http2 import H2Client
 from txgateway.upstream.pool import HTTP11Client
 
@@ -224,14 +223,14 @@ class GatewayService(MultiService):
             admin = admin_site(self, self.reactor)
             self.admin_port = self._listen(self.config.admin.listen, admin)
             for description in self.config.server.listen:
-                self.ports.append(eager_port(self._listen(description, self.proxy_factory)))
+                self.ports.append(self._listen(description, self.proxy_factory))
             tls = self.config.server.tls
             if tls is not None:
                 try:
                     endpoint = tls_endpoint(self.reactor, tls)
                 except Exception as error:  # noqa: BLE001 - unreadable cert/key: refuse to start
                     raise ListenError(f"cannot load the TLS certificate/key of {tls.listen}: {error}") from None
-                self.ports.append(eager_port(self._listen(tls.listen, self.tls_factory, endpoint)))
+                self.ports.append(self._listen(tls.listen, self.tls_factory, endpoint))
         except ListenError as error:
             self.log.critical("{error}", error=error)
             print(f"txgateway: {error}", file=sys.stderr)

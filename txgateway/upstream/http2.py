@@ -70,7 +70,6 @@ from txgateway.errors import (
 )
 from txgateway.interfaces import IBody, IBodySink, IUpstreamClient
 from txgateway.messages import Headers, Response, UpstreamRequest
-from txgateway.transport import connect_tcp
 
 __all__ = ["H2Client"]
 
@@ -1345,8 +1344,8 @@ class H2Client:
     def _connect(self, host: _HostPool, request: UpstreamRequest) -> _Connection:
         connection = _Connection(self, host)
         host.connections.append(connection)
-        connector = connect_tcp(
-            self._reactor, request.host, request.port, _ConnectionFactory(connection), request.connect_timeout
+        connector = self._reactor.connectTCP(
+            request.host, request.port, _ConnectionFactory(connection), timeout=request.connect_timeout
         )
         if connection.connector is None:
             connection.connector = connector

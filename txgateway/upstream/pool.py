@@ -29,7 +29,6 @@ from txgateway.config.model import PoolConfig
 from txgateway.errors import UpstreamConnectError, UpstreamTimeout
 from txgateway.interfaces import IUpstreamClient
 from txgateway.messages import Response, UpstreamRequest
-from txgateway.transport import connect_tcp
 from txgateway.upstream.http1 import HTTP11Connection
 
 __all__ = ["HTTP11Client"]
@@ -284,7 +283,9 @@ class HTTP11Client:
         host.connections += 1
         record = attempt.record = _PooledConnection(self, host, attempt)
         request = attempt.request
-        connector = connect_tcp(self._reactor, request.host, request.port, record, request.connect_timeout)
+        connector = self._reactor.connectTCP(
+            request.host, request.port, record, timeout=request.connect_timeout
+        )
         if record.connector is None:
             record.connector = connector
 
