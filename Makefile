@@ -9,7 +9,7 @@ CONFIG ?= etc/gateway.yaml
 # (the tests start their own on free ports), chromium for the dashboard test,
 # prometheus for promtool (checks the alert rules; no server is started).
 TEST_DEBS := curl redis-server etcd-server chromium prometheus
-BENCH_DEBS := nginx wrk nghttp2-client
+BENCH_DEBS := nginx wrk nghttp2-client redis-server
 
 .PHONY: setup run test check lint bench system-deps bench-deps clean
 
@@ -52,7 +52,7 @@ bench-deps:
 	fi
 
 bench: setup bench-deps
-	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/suite.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp*

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -136,6 +137,10 @@ async def open_connections(port: int, count: int, concurrency: int) -> list[Clie
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         await close_all(connections)
+        # An interruption (Ctrl-C, SIGTERM) caught by gather is not a failed connection.
+        for error in errors:
+            if not isinstance(error, Exception):
+                raise error
         raise BenchError(f"{len(errors)} of {count} connections failed, first: {errors[0]!r}")
     return connections
 
@@ -153,20 +158,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> int:
-    limit = raise_nofile(args.nofile)
-    if limit < args.connections + 100:
-        raise BenchError(f"this process may open {limit} files: too few for {args.connections} connections")
+@dataclass(frozen=True)
+class IdleConnections:
+    """What :func:`measure` found: the gateway's VmRSS before and after opening the connections."""
+
+    pid: int
+    connections: int
+    nofile: int
+    before_kib: int
+    after_kib: int
+    opened_in: float
+
+    @property
+    def per_connection_kib(self) -> float:
+        return (self.after_kib - self.before_kib) / self.connections
+
+
+def measure(connections: int, concurrency: int = 200, settle: float = 3.0, nofile: int = 20000) -> IdleConnections:
+    """Start the upstream and the gateway, open *connections* idle WebSockets, stop everything."""
+    limit = raise_nofile(nofile)
+    if limit < connections + 100:
+        raise BenchError(f"this process may open {limit} files: too few for {connections} connections")
     workdir = Path(tempfile.mkdtemp(prefix="bench-ws-memory-"))
     upstream_port, port, admin_port = free_port(), free_port(), free_port()
-    upstream = ServerProcess(
-        "upstream", limited([sys.executable, "-c", UPSTREAM, str(upstream_port)], args.nofile), workdir
-    )
+    upstream = ServerProcess("upstream", limited([sys.executable, "-c", UPSTREAM, str(upstream_port)], nofile), workdir)
     conf = workdir / "gateway.yaml"
     conf.write_text(gateway_yaml(port, admin_port, upstream_port))
     gateway = ServerProcess(
         "txgateway",
-        limited([str(twistd_path()), "--pidfile=", "-n", "txgateway", "-c", str(conf)], args.nofile),
+        limited([str(twistd_path()), "--pidfile=", "-n", "txgateway", "-c", str(conf)], nofile),
         workdir,
     )
     try:
@@ -178,30 +198,37 @@ def run(args: argparse.Namespace) -> int:
         # prlimit execs the program: the pid is the gateway's.
         pid = gateway.proc.pid
 
-        async def measure() -> tuple[int, int, float]:
+        async def run() -> tuple[int, int, float]:
             # Warm up the code paths (imports, first allocations) with a few connections.
             await close_all(await open_connections(port, 20, 20))
-            await asyncio.sleep(args.settle)
+            await asyncio.sleep(settle)
             before = rss_kib(pid)
             began = time.monotonic()
-            connections = await open_connections(port, args.connections, args.concurrency)
+            opened = await open_connections(port, connections, concurrency)
             opened_in = time.monotonic() - began
-            await asyncio.sleep(args.settle)
+            await asyncio.sleep(settle)
             after = rss_kib(pid)
-            await close_all(connections)
+            await close_all(opened)
             return before, after, opened_in
 
-        before, after, opened_in = asyncio.run(measure())
-        per = (after - before) / args.connections
-        print(f"gateway pid {pid}, fd limit {args.nofile}")
-        print(f"{args.connections} idle WebSocket connections opened in {opened_in:.1f}s")
-        print(f"gateway VmRSS before {before} KiB, after {after} KiB, growth {after - before} KiB")
-        print(f"{per:.1f} KiB per idle WebSocket connection (client and upstream legs)")
-        return 0
+        before, after, opened_in = asyncio.run(run())
+        return IdleConnections(pid, connections, nofile, before, after, opened_in)
     finally:
         gateway.stop()
         upstream.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    found = measure(args.connections, args.concurrency, args.settle, args.nofile)
+    print(f"gateway pid {found.pid}, fd limit {found.nofile}")
+    print(f"{found.connections} idle WebSocket connections opened in {found.opened_in:.1f}s")
+    print(
+        f"gateway VmRSS before {found.before_kib} KiB, after {found.after_kib} KiB, "
+        f"growth {found.after_kib - found.before_kib} KiB"
+    )
+    print(f"{found.per_connection_kib:.1f} KiB per idle WebSocket connection (client and upstream legs)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
