@@ -652,6 +652,7 @@ class StatsTests(AdminTestCase):
         self.assertIsNone(self.route(stats, "orders")["traffic"])  # never seen
 
     def test_rates_cover_the_window_then_fall_to_zero(self) -> None:
+        self.stats()  # someone watches: sampling starts
         count(self.control, "orders", "200", [0.01] * 40)
         self.clock.advance(2)
         self.assertEqual(self.route(self.stats(), "orders")["traffic"]["request_rate"], 20.0)
@@ -686,12 +687,26 @@ class StatsTests(AdminTestCase):
         stats = self.stats()
         self.assertEqual((stats["generation"], stats["last_reload"]["ok"]), (1, False))
 
-    def test_sampling_lives_with_the_listener(self) -> None:
+    def test_sampling_runs_only_while_watched_and_listening(self) -> None:
+        self.assertFalse(self.site.sampler.running)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.stats()
         self.assertTrue(self.site.sampler.running)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
         self.site.doStop()
         self.assertFalse(self.site.sampler.running)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_sampling_stops_when_nobody_watches(self) -> None:
+        self.stats()
+        for _ in range(30):
+            self.clock.advance(2)
+        self.assertTrue(self.site.sampler.running)  # 60 s: still within idle
+        self.clock.advance(2)
+        self.assertFalse(self.site.sampler.running)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIsNone(self.stats()["window"])  # watched again: starts over
+        self.assertTrue(self.site.sampler.running)
 
     def test_sampling_pauses_while_metrics_are_disabled(self) -> None:
         count(self.control, "users", "200", [0.01] * 10)

@@ -198,6 +198,7 @@ class DashboardTests(GatewayTestCase):
         require_chromium()
 
         async def scenario() -> None:
+            await self.stats()  # the dashboard is open: sampling starts
             sent = await self.traffic(3.0)
             self.assertGreater(sent, 30)
             stats = await self.wait_for_rates(within=10.0)

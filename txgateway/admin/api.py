@@ -213,6 +213,7 @@ class StatsPage(_ControlPage):
     def answer(self, request: Request) -> Answer:
         control = self._control
         gateway = control.gateway
+        self._sampler.watch()
         traffic = self._sampler.traffic()
         routes = []
         for route in route_table(gateway.config):

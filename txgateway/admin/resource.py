@@ -36,12 +36,11 @@ class _Root(Resource):
 
 
 class AdminSite(Site):
-    """The admin listener's site; its :attr:`sampler` runs while it listens.
+    """The admin listener's site; its :attr:`sampler` runs (while watched) only while it listens.
 
-    twisted.web starts a factory when its first port starts listening and
-    stops it when its last port stops, so the dashboard's sampling lives and
-    ends with the admin port (``stopListening`` at service stop) and needs no
-    separate stop call.
+    twisted.web stops a factory when its last port stops, so the dashboard's
+    sampling ends with the admin port (``stopListening`` at service stop) and
+    needs no separate stop call; ``/admin/stats`` starts it.
     """
 
     def __init__(self, resource: Resource, sampler: TrafficSampler) -> None:
@@ -49,10 +48,6 @@ class AdminSite(Site):
         self.sampler = sampler
         self.displayTracebacks = False
         self.noisy = False
-
-    def startFactory(self) -> None:
-        super().startFactory()
-        self.sampler.start()
 
     def stopFactory(self) -> None:
         self.sampler.stop()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import yaml
 from yaml.nodes import MappingNode, ScalarNode
@@ -28,17 +28,14 @@ _BOOL_TAG = "tag:yaml.org,2002:bool"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class _Loader(yaml.SafeLoader):
+class _Dialect(yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
     """Safe loading, YAML 1.2 booleans, and duplicate keys recorded as problems."""
 
     yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
         first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.duplicates: list[ConfigProblem] = []
+    duplicates: list[ConfigProblem]
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[object, object]:
         seen: dict[tuple[str, str], int] = {}
@@ -58,13 +55,64 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_Loader.add_implicit_resolver(
+_Dialect.add_implicit_resolver(
     _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 
 
+class _Loader(
+    yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, yaml.composer.Composer, _Dialect
+):
+    """The pure-Python parser: the clearest error messages."""
+
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        _Dialect.__init__(self)
+        self.duplicates = []
+
+
+try:
+    from yaml.cyaml import CParser
+except ImportError:  # PyYAML built without libyaml
+    CParser = None
+
+
+_FastLoader: type[_Dialect] | None = None
+if CParser is not None:
+
+    class _LibYAMLLoader(CParser, _Dialect):
+        """The same dialect on libyaml's parser (PyYAML has it on Debian and in
+        its wheels): several times faster on a large file (10,000 routes)."""
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            _Dialect.__init__(self)
+            self.duplicates = []
+
+    _FastLoader = _LibYAMLLoader
+
+
 def read_yaml(text: str, source: str = "<string>") -> object:
-    """The YAML document in ``text``; :class:`ConfigError` when it is not valid."""
+    """The YAML document in ``text``; :class:`ConfigError` when it is not valid.
+
+    libyaml reads it when available; its error messages are terser, so a file
+    it refuses is read again by the pure-Python parser for the message.
+    """
+    if _FastLoader is not None:
+        fast: Any = _FastLoader(text)
+        try:
+            tree = fast.get_single_data()
+        except (yaml.YAMLError, ValueError):
+            pass
+        else:
+            if fast.duplicates:
+                raise ConfigError(fast.duplicates, source)
+            return tree
+        finally:
+            fast.dispose()
     loader = _Loader(text)
     try:
         tree = loader.get_single_data()
