@@ -158,6 +158,14 @@ class _InFlight:
     def trailers(self) -> list[tuple[bytes, bytes]]:
         return getattr(self._body, "trailers", [])
 
+    def complete(self) -> bytes | None:
+        """The whole body when the upstream's has all arrived (see ResponseBody.complete)."""
+        complete = getattr(self._body, "complete", None)
+        data = complete() if complete is not None else None
+        if data is not None:
+            self._release()
+        return data
+
     def deliverTo(self, sink: IBodySink) -> None:
         self._sink = sink
         self._body.deliverTo(_InFlightSink(self))

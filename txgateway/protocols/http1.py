@@ -255,6 +255,9 @@ class HTTP11ServerProtocol(Protocol):
         self._in_head = False
         self._pause_reasons: set[str] = set()
         self._timer: IDelayedCall | None = None
+        self._deadline: float | None = None
+        self._on_deadline: Callable[[], None] | None = None
+        self._timer_step = min(self.limits.header_timeout, self.limits.idle_timeout)
         self._closing = False
         self._lost = False
         #: Graceful shutdown: the last request answered ends the connection.
@@ -378,7 +381,7 @@ class HTTP11ServerProtocol(Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._cancel_timer()
+        self._clear_deadline()
         parser = self._parser
         method = parser.get_method()
         version = (1, 1) if parser.get_http_version() == "1.1" else (1, 0)
@@ -542,6 +545,13 @@ class HTTP11ServerProtocol(Protocol):
             keep_alive = False
         chunked = False
         framing: bytes
+        if body is not None and not isinstance(body, BytesBody):
+            # A body that is already whole (a small upstream response read in
+            # one go) is sent with its head in one write, without a producer.
+            complete = getattr(body, "complete", None)
+            data = complete() if complete is not None else None
+            if data is not None:
+                body = BytesBody(data)
         if body_forbidden(ctx.method, response.status):
             framing = b""
             if body is not None:
@@ -784,20 +794,51 @@ class HTTP11ServerProtocol(Protocol):
             self.transport.loseConnection()
 
     def _head_expired(self) -> None:
-        self._timer = None
         self.log.info("request head timed out from {client}", client=self._client_ip)
         self._reject(RequestTimeout(f"request head not received within {self.limits.header_timeout:g}s"))
 
     def _idle_expired(self) -> None:
-        self._timer = None
         if self._current is None and not self._queue:
             self._close()
 
+    # Timeouts.  One connection has one deadline at a time (the request head's,
+    # or the keep-alive idle one), kept as a time and a function.  The one
+    # reactor timer is not moved for each request: it fires at most every
+    # ``header_timeout`` (or ``idle_timeout``, if shorter) seconds, acts when
+    # the deadline has passed, and otherwise waits again; a request on a
+    # keep-alive connection costs no timer operation at all.
+
     def _set_timer(self, seconds: float, call: Callable[[], None]) -> None:
-        self._cancel_timer()
-        self._timer = self._clock.callLater(seconds, call)
+        now = self._clock.seconds()
+        self._deadline = now + seconds
+        self._on_deadline = call
+        timer = self._timer
+        if timer is None:
+            self._timer = self._clock.callLater(min(seconds, self._timer_step), self._tick)
+        elif timer.getTime() > self._deadline:
+            timer.reset(seconds)
+
+    def _clear_deadline(self) -> None:
+        """No deadline for now; the timer stays armed (it is cheaper to let it tick once)."""
+        self._deadline = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        left = deadline - self._clock.seconds()
+        if left > 0:
+            self._timer = self._clock.callLater(min(left, self._timer_step), self._tick)
+            return
+        call = self._on_deadline
+        self._deadline = self._on_deadline = None
+        if call is not None:
+            call()
 
     def _cancel_timer(self) -> None:
+        """No deadline and no timer (the connection is closing)."""
+        self._deadline = self._on_deadline = None
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()

@@ -224,6 +224,17 @@ class ResponseBody:
 
     # The consumer's side (IBody).
 
+    def complete(self) -> bytes | None:
+        """The whole body, when it has all arrived and nothing was delivered yet
+        (then it is consumed, like ``deliverTo``); else None."""
+        if not self._finished or self._started or self._failure is not None:
+            return None
+        self._started = True
+        buffer, self._buffer = self._buffer, None
+        if not buffer:
+            return b""
+        return buffer[0] if len(buffer) == 1 else b"".join(buffer)
+
     def deliverTo(self, sink: IBodySink) -> None:
         if self._started:
             raise RuntimeError("a response body is delivered at most once")
@@ -287,6 +298,8 @@ class HTTP11Connection(Protocol):
         self._completedBody: ResponseBody | None = None
         #: The head of a bodiless answer, handed over once the connection is settled.
         self._completedHead: tuple[ResponseHandler, Response] | None = None
+        #: The head of a response with a body, handed over once the read it came in is parsed.
+        self._pendingHead: tuple[ResponseHandler, Response] | None = None
         self._readPaused = False
         self._keepAlive = False
         self._broken = False
@@ -371,16 +384,19 @@ class HTTP11Connection(Protocol):
             try:
                 self._parser.feed_data(data)
             except (HttpParserError, HttpParserUpgrade) as e:
+                self._handOverHead()  # the head was sound: its body then fails
                 self._parseFailed(e)
                 return
             state = self._state
             if state == _DONE:
                 self._exchangeDone()
-            elif state == _BODY and not self._readPaused:
-                body = self._body
-                if body is not None and body._waiting():
-                    self._readPaused = True
-                    self.transport.pauseProducing()
+            elif state == _BODY:
+                self._handOverHead()
+                if not self._readPaused:
+                    body = self._body
+                    if body is not None and body._waiting():
+                        self._readPaused = True
+                        self.transport.pauseProducing()
         elif state == _IDLE:
             self.log.debug("unsolicited bytes on an idle upstream connection; closing it")
             self._state = _CLOSED
@@ -477,7 +493,9 @@ class HTTP11Connection(Protocol):
             self, None if self._transferEncoding else self._contentLength
         )
         self._state = _BODY
-        handler.responseReceived(Response(status, self._headers, body, self._reason, versionTuple))
+        # Handed over once this read is parsed: a small response is then
+        # complete when its consumer gets it, and can be sent on whole.
+        self._pendingHead = (handler, Response(status, self._headers, body, self._reason, versionTuple))
 
     def on_body(self, data: bytes) -> None:
         body = self._body
@@ -518,6 +536,11 @@ class HTTP11Connection(Protocol):
             self.transport.loseConnection()
         self._deliverCompleted()
 
+    def _handOverHead(self) -> None:
+        head, self._pendingHead = self._pendingHead, None
+        if head is not None:
+            head[0].responseReceived(head[1])
+
     def _deliverCompleted(self) -> None:
         """Hand over a response that is complete (its head, or its body's end)."""
         head, self._completedHead = self._completedHead, None
@@ -526,6 +549,8 @@ class HTTP11Connection(Protocol):
         body, self._completedBody = self._completedBody, None
         if body is not None:
             body._finish()
+        # After the body's end: its consumer gets it complete.
+        self._handOverHead()
 
     def _parseFailed(self, error: Exception) -> None:
         state = self._state
