@@ -70,12 +70,25 @@ class HeaderRules:
 
 
 def _strip(headers: Headers, drop: frozenset[bytes]) -> tuple[Headers, list[bytes]]:
-    """Drop ``drop`` and Connection-listed names; return the rest and any Via values."""
-    listed = connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else None
+    """Drop ``drop`` (which holds Connection and Via) and Connection-listed names;
+    return the rest and any Via values.  One pass in the usual case."""
+    kept: Headers = []
+    via: list[bytes] = []
+    listed = False
+    for header in headers:
+        name = header[0]
+        if name in drop:
+            if name == b"via":
+                via.append(header[1])
+            elif name == b"connection":
+                listed = True
+            continue
+        kept.append(header)
     if listed:
-        drop = drop | listed
-    via = [v for n, v in headers if n == b"via"]
-    return [(n, v) for n, v in headers if n not in drop], via
+        tokens = connection_tokens(headers)
+        if tokens:
+            kept = [header for header in kept if header[0] not in tokens]
+    return kept, via
 
 
 #: The ``kind`` label of ``txgateway_upstream_errors`` for each failure kind.
