@@ -21,9 +21,10 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from txgateway.observability.metrics import GatewayMetrics
+from txgateway.observability.metrics import GatewayMetrics, multiprocess
 
 T = TypeVar("T")
 
@@ -37,6 +38,13 @@ class Runtime:
         self.clock: IReactorTime = clock if clock is not None else reactor
         #: The one metrics registry; outlives reloads like everything here.
         self.metrics = metrics if metrics is not None else GatewayMetrics()
+        #: With workers, other processes read the metric files: batched
+        #: updates are written every second, not only when this one collects.
+        self._flusher: LoopingCall | None = None
+        if multiprocess():
+            self._flusher = LoopingCall(self.metrics.flush)
+            self._flusher.clock = self.clock
+            self._flusher.start(1.0, now=False)
         self._shared: dict[Hashable, Any] = {}
         #: Keys asked for while a generation is being built (see ``generation``).
         self._recording: set[Hashable] | None = None
@@ -89,6 +97,9 @@ class Runtime:
 
     def stop(self) -> Deferred[Any]:
         """Stop every shared object that has a ``stop()`` (connections, timers)."""
+        if self._flusher is not None and self._flusher.running:
+            self._flusher.stop()
+            self.metrics.flush()
         values = list(self._shared.values())
         for value, call in self._retiring.values():
             if call.active():

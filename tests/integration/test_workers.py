@@ -178,6 +178,9 @@ class WorkersTests(TestCase):
             await client.wait_responses(2)
         counts = connections_by_worker(pids, gateway.port)
         self.assertTrue(all(counts.values()), counts)
+        # Each worker writes its batched counts to the shared files every
+        # second (and when it answers a scrape itself).
+        await sleep(1.5)
         # Whichever worker answers /metrics, it counts the 24 requests of both.
         for _ in range(6):
             result = await curl(f"http://{LOCALHOST}:{gateway.admin_port}/metrics")

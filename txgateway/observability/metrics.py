@@ -17,9 +17,11 @@ whole process group from any worker.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 #: Seconds; from sub-millisecond gateway answers to long upstream calls.
@@ -46,6 +48,11 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        #: Batched children with updates not yet in their metric (see ``flush``).
+        self._dirty: list[_Batched] = []
+        # Registered before the metrics, so collected before them: every
+        # collection (a scrape, the dashboard, a test's get_sample_value) flushes.
+        r.register(_FlushFirst(self))
 
         # Requests at the edge.
         self.requests = Counter(
@@ -236,10 +243,34 @@ class GatewayMetrics:
         # Children the protocols touch per request or connection, resolved once;
         # created up front so every protocol shows 0 rather than nothing.
         #: Per protocol: the ``requests_in_flight`` child.
-        self.in_flight = {protocol: self.requests_in_flight.labels(protocol) for protocol in PROTOCOLS}
+        self.in_flight = {
+            protocol: self.batched_gauge(self.requests_in_flight.labels(protocol)) for protocol in PROTOCOLS
+        }
         #: Per protocol: the ``connections_open`` child.
         self.open_connections = {protocol: self.connections_open.labels(protocol) for protocol in PROTOCOLS}
         self._grpc_calls: dict[tuple[str, str], Any] = {}
+
+    # Batching.  prometheus-client takes a lock for every update (it is built
+    # for threads); the gateway updates from the reactor thread only, several
+    # times per request.  The per-request metrics are therefore kept in plain
+    # numbers and applied to their children when anything collects the
+    # registry (a scrape, the dashboard, a test), or every second with
+    # workers (multiprocess mode, where other processes read the files).
+
+    def batched_counter(self, child: Any) -> BatchedCounter:
+        return BatchedCounter(child, self._dirty)
+
+    def batched_gauge(self, child: Any) -> BatchedGauge:
+        return BatchedGauge(child, self._dirty)
+
+    def batched_histogram(self, child: Any) -> BatchedHistogram:
+        return BatchedHistogram(child, self._dirty)
+
+    def flush(self) -> None:
+        """Apply every batched update to its metric."""
+        dirty = self._dirty
+        while dirty:
+            dirty.pop().flush()
 
     def grpc_call(self, route: str, grpc_status: str) -> None:
         """Count one answered gRPC call (children cached: one dict lookup)."""
@@ -248,6 +279,114 @@ class GatewayMetrics:
         if child is None:
             child = self._grpc_calls[key] = self.grpc_calls.labels(route, grpc_status)
         child.inc()
+
+
+class _FlushFirst:
+    """A collector yielding nothing: collecting it flushes the batched updates."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> list[Metric]:
+        self._metrics.flush()
+        return []
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+class _Batched:
+    __slots__ = ("_child", "_dirty", "_pending")
+
+    def __init__(self, child: Any, dirty: list[_Batched]) -> None:
+        self._child = child
+        self._dirty = dirty
+        self._pending = False
+
+    def _touch(self) -> None:
+        self._pending = True
+        self._dirty.append(self)
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+
+class BatchedCounter(_Batched):
+    """A counter child's increments, applied at the next flush."""
+
+    __slots__ = ("_amount",)
+
+    def __init__(self, child: Any, dirty: list[_Batched]) -> None:
+        super().__init__(child, dirty)
+        self._amount = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self._amount += amount
+        if not self._pending:
+            self._touch()
+
+    def flush(self) -> None:
+        self._pending = False
+        amount, self._amount = self._amount, 0.0
+        if amount:
+            self._child.inc(amount)
+
+
+class BatchedGauge(_Batched):
+    """A gauge child's increments and decrements, applied at the next flush."""
+
+    __slots__ = ("_delta",)
+
+    def __init__(self, child: Any, dirty: list[_Batched]) -> None:
+        super().__init__(child, dirty)
+        self._delta = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self._delta += amount
+        if not self._pending:
+            self._touch()
+
+    def dec(self, amount: float = 1) -> None:
+        self._delta -= amount
+        if not self._pending:
+            self._touch()
+
+    def flush(self) -> None:
+        self._pending = False
+        delta, self._delta = self._delta, 0.0
+        if delta:
+            self._child.inc(delta)
+
+
+class BatchedHistogram(_Batched):
+    """A histogram child's observations, counted per bucket and applied at the next flush."""
+
+    __slots__ = ("_bounds", "_counts", "_sum")
+
+    def __init__(self, child: Any, dirty: list[_Batched]) -> None:
+        super().__init__(child, dirty)
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self._counts[bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+        if not self._pending:
+            self._touch()
+
+    def flush(self) -> None:
+        self._pending = False
+        child = self._child
+        counts, self._counts = self._counts, [0] * len(self._bounds)
+        total, self._sum = self._sum, 0.0
+        # What Histogram.observe does per observation (count in the first
+        # bucket whose bound holds it, add to the sum), once per bucket.
+        child._sum.inc(total)
+        buckets = child._buckets
+        for index, count in enumerate(counts):
+            if count:
+                buckets[index].inc(count)
 
 
 def method_bytes_label(method: bytes) -> bytes:
@@ -263,6 +402,7 @@ def method_label(method: bytes) -> str:
 
 def exposition(metrics: GatewayMetrics) -> bytes:
     """The text exposition for ``/metrics``: this process, or with workers the group."""
+    metrics.flush()
     if multiprocess():
         registry = CollectorRegistry()
         MultiProcessCollector(registry)

@@ -11,8 +11,9 @@ method is bounded to :data:`~txgateway.observability.metrics.METHODS`, the
 code is the status the protocol recorded (499: the client went away before
 the response ended, see README "Observability"), so the label sets stay
 bounded whatever paths clients send.  The labelled children are cached per
-(route, method, code, protocol): the hot path is one dict lookup and four
-child updates, never ``.labels()``.
+(route, method, code, protocol) and batched (``GatewayMetrics.batched_*``):
+the hot path is one dict lookup and a few additions, never ``.labels()`` and
+never a lock.
 
 One recorder per process (``Runtime.shared``): reloads keep its cache.
 """
@@ -71,10 +72,10 @@ class ExchangeRecorder:
         name = method.decode("ascii")
         code = str(status)
         children = self._children[key] = _Children(
-            metrics.requests.labels(route, name, code, protocol),
-            metrics.request_duration.labels(route, name, code),
-            metrics.request_bytes.labels(route),
-            metrics.response_bytes.labels(route),
+            metrics.batched_counter(metrics.requests.labels(route, name, code, protocol)),
+            metrics.batched_histogram(metrics.request_duration.labels(route, name, code)),
+            metrics.batched_counter(metrics.request_bytes.labels(route)),
+            metrics.batched_counter(metrics.response_bytes.labels(route)),
         )
         return children
 

@@ -367,7 +367,9 @@ class Forwarder:
         if seconds is not None:
             duration = self._durations.get(address)
             if duration is None:
-                duration = self._durations[address] = metrics.upstream_duration.labels(self.upstream.name, address)
+                duration = self._durations[address] = metrics.batched_histogram(
+                    metrics.upstream_duration.labels(self.upstream.name, address)
+                )
             duration.observe(seconds)
         if failure is not None:
             key = (address, failure)
