@@ -34,11 +34,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 # Run as a script, bench/ is first on sys.path and this file would shadow the h2 package: import
 # that with bench/ out of the way, then bench/proxy.py (whose process handling this reuses).
@@ -50,7 +50,7 @@ import h2.events  # noqa: E402
 
 sys.path.insert(0, str(_BENCH_DIR))
 import proxy  # noqa: E402
-from proxy import BODY_SIZE, REQUEST_PATH, BenchError, Interrupted, Pinning, ServerProcess, free_port  # noqa: E402
+from proxy import BODY_SIZE, REQUEST_PATH, BenchError, Pinning, ServerProcess, free_port  # noqa: E402
 
 LOCALHOST = "127.0.0.1"
 HTTP_TARGETS = ("direct", "nginx", "txgateway", "txgateway-h2c")
@@ -800,14 +800,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("h2load") is None:
         print("error: h2load is not installed (Debian package nghttp2-client; `make bench-deps`)", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, proxy._interrupt)
-    signal.signal(signal.SIGHUP, proxy._interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="txgateway-bench-h2-"))
-    # nginx's worker may run as nobody when we are root: let it into its temp paths.
-    workdir.chmod(0o755)
-    bench: Bench | None = None
-    try:
+
+    def measure(workdir: Path, owned: list[Any]) -> int:
         bench = Bench(args, workdir)
+        owned.append(bench)
         env = environment(bench.nginx)
         settings: dict[str, object] = {
             "duration": args.duration,
@@ -828,28 +824,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_report(rows, env, settings)
         path = write_json(rows, env, settings)
         print(f"results: {path}")
-        if bench.failed and not args.keep_tmp:
-            print(KEEP_TMP_HINT, file=sys.stderr)
         return 1 if bench.failed else 0
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if not args.keep_tmp:
-            print(KEEP_TMP_HINT, file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Interrupted) as e:
-        print(f"\ninterrupted ({str(e) or 'SIGINT'}): stopping servers", file=sys.stderr)
-        return 130
-    finally:
-        # A second Ctrl-C must not cut the cleanup short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if bench is not None:
-            bench.close()
-        if args.keep_tmp:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
+    return proxy.run_guarded("txgateway-bench-h2-", args.keep_tmp, measure)
 
 if __name__ == "__main__":
     sys.exit(main())

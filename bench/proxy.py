@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 BODY_SIZE = 1024
 REQUEST_PATH = "/bench"
@@ -855,15 +856,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="txgateway-bench-"))
-    # nginx's worker may run as nobody when we are root: let it into its
-    # temp paths (nginx chowns those it creates to the worker user).
-    workdir.chmod(0o755)
-    bench: Bench | None = None
-    try:
+
+    def measure(workdir: Path, owned: list[Any]) -> int:
         bench = Bench(args, workdir)
+        owned.append(bench)
         env = environment(bench.nginx)
         settings: dict[str, object] = {
             "duration": args.duration,
@@ -880,12 +876,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_report(rows, env, settings)
         path = write_json(rows, env, settings)
         print(f"results: {path}")
-        if bench.failed and not args.keep_tmp:
-            print(KEEP_TMP_HINT, file=sys.stderr)
         return 1 if bench.failed else 0
+
+    return run_guarded("txgateway-bench-", args.keep_tmp, measure)
+
+
+def run_guarded(prefix: str, keep_tmp: bool, body: Callable[[Path, list[Any]], int]) -> int:
+    """The frame every benchmark command runs ``body(workdir, owned)`` in.
+
+    SIGTERM/SIGHUP become :class:`Interrupted`; ``workdir`` is a fresh
+    temporary directory (world-readable: nginx's worker may run as nobody
+    when we are root), removed at the end unless ``keep_tmp``; everything
+    ``body`` appends to ``owned`` is closed however it ends, a second Ctrl-C
+    included.  Returns the exit status.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.chmod(0o755)
+    owned: list[Any] = []
+    try:
+        status = body(workdir, owned)
+        if status and not keep_tmp:
+            print(KEEP_TMP_HINT, file=sys.stderr)
+        return status
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
-        if not args.keep_tmp:
+        if not keep_tmp:
             print(KEEP_TMP_HINT, file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Interrupted) as e:
@@ -895,13 +912,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A second Ctrl-C must not cut the cleanup short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if bench is not None:
-            bench.close()
-        if args.keep_tmp:
+        for owner in owned:
+            owner.close()
+        if keep_tmp:
             print(f"kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-
 
 if __name__ == "__main__":
     sys.exit(main())

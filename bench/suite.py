@@ -20,9 +20,7 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -68,7 +66,7 @@ import proxy  # noqa: E402
 import servers  # noqa: E402
 import websocket_memory  # noqa: E402
 from load import PacedResult, WrkRun  # noqa: E402
-from proxy import BODY_SIZE, REQUEST_PATH, BenchError, Interrupted, Pinning, ServerProcess, free_port  # noqa: E402
+from proxy import BODY_SIZE, REQUEST_PATH, BenchError, Pinning, ServerProcess, free_port  # noqa: E402
 from servers import BIG_PATH, BIG_SIZE, UPLOAD_PATH, UPLOAD_SIZE, Gateway  # noqa: E402
 
 ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "latency")
@@ -979,16 +977,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print(f"error: wrk is not installed ({INSTALL['wrk']}, or `make bench-deps`)", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, proxy._interrupt)
-    signal.signal(signal.SIGHUP, proxy._interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="txgateway-suite-"))
-    # nginx's worker may run as nobody when we are root: let it into its temp paths.
-    workdir.chmod(0o755)
     now = datetime.datetime.now(datetime.UTC)
     stamp, started = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y-%m-%d %H:%M UTC")
-    suite: Suite | None = None
-    try:
+
+    def measure(workdir: Path, owned: list[Any]) -> int:
         suite = Suite(args, workdir)
+        owned.append(suite)
         env = environment(suite.nginx, suite.redis)
         settings: dict[str, object] = {
             "quick": args.quick,
@@ -1012,28 +1006,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_report(suite, env, settings, targets, started)
         path = write_json(suite, env, settings, targets, stamp)
         print(f"results: {path}")
-        if suite.failed and not args.keep_tmp:
-            print(proxy.KEEP_TMP_HINT, file=sys.stderr)
         return 1 if suite.failed else 0
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if not args.keep_tmp:
-            print(proxy.KEEP_TMP_HINT, file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Interrupted) as e:
-        print(f"\ninterrupted ({str(e) or 'SIGINT'}): stopping servers", file=sys.stderr)
-        return 130
-    finally:
-        # A second Ctrl-C must not cut the cleanup short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if suite is not None:
-            suite.close()
-        if args.keep_tmp:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
+    return proxy.run_guarded("txgateway-suite-", args.keep_tmp, measure)
 
 if __name__ == "__main__":
     sys.exit(main())
