@@ -70,6 +70,7 @@ class RouteTraffic:
 
 
 def _families(metrics: GatewayMetrics) -> Iterable[Metric]:
+    metrics.flush()  # the batched per-request updates first
     if multiprocess():
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
