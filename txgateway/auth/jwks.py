@@ -35,15 +35,14 @@ from treq.cookies import IndexableCookieJar
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as FetchTimeout
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from txgateway.auth.jwt import ASYMMETRIC_ALGORITHMS, VerificationKey
+from txgateway.bounded_body import BoundedBody
 
 #: Fetch the document at a URL: its body, or a failure.
 Fetch = Callable[[str], "Deferred[bytes]"]
@@ -305,38 +304,6 @@ class JWKSFetchError(Exception):
     """The JWKS endpoint answered, but not with a usable document."""
 
 
-class _LimitedBody(Protocol):
-    """Collects a response body up to ``limit`` bytes; aborts the connection past it."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.done: Deferred[bytes] = Deferred(lambda _: self._abort())
-
-    def _abort(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self._abort()
-            self.done.errback(JWKSFetchError(f"document larger than {self.limit} bytes"))
-            return
-        self.parts.append(data)
-
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self.parts))
-        else:
-            self.done.errback(reason)
-
-
 class TreqJWKSFetcher:
     """GETs JWKS documents with treq on ``reactor``: its own pool, no redirects, no cookies kept."""
 
@@ -354,7 +321,7 @@ class TreqJWKSFetcher:
         return d.addCallback(self._body)
 
     def _body(self, response: IResponse) -> Deferred[bytes]:
-        body = _LimitedBody(self.max_bytes)
+        body = BoundedBody(self.max_bytes, lambda limit: JWKSFetchError(f"document larger than {limit} bytes"))
         response.deliverBody(body)
         if response.code != 200:
 

@@ -35,6 +35,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from txgateway.bounded_body import BoundedBody
+
 __all__ = ["APIError", "RegistryClient", "Reply", "StreamIdle", "failure_reason", "load_ca"]
 
 #: Largest JSON document read (an EndpointSlice list of a big service fits many times).
@@ -117,10 +119,10 @@ class RegistryClient:
         timeout: float,
     ) -> Deferred[Reply]:
         """One exchange: the status, headers and parsed JSON body, within ``timeout`` seconds."""
-        reading: list[_Document] = []
+        reading: list[BoundedBody] = []
 
         def received(response: IResponse) -> Deferred[Reply]:
-            reader = _Document(MAX_DOCUMENT)
+            reader = BoundedBody(MAX_DOCUMENT, _too_large)
             reading.append(reader)
             response.deliverBody(reader)
             return reader.done.addCallback(lambda raw: Reply(response.code, response.headers, _parse(raw)))
@@ -158,7 +160,7 @@ class RegistryClient:
 
         def received(response: IResponse) -> Deferred[int]:
             if not 200 <= response.code < 300:
-                reader = _Document(64 * 1024)
+                reader = BoundedBody(64 * 1024, _too_large)
                 response.deliverBody(reader)
                 return reader.done.addBoth(_status_error, response.code)
             lines = _Lines(on_line, self.clock, idle)
@@ -228,36 +230,8 @@ def _status_error(result: bytes | Failure, status: int) -> Failure:
     return Failure(APIError(f"HTTP {status}" + (f": {detail}" if detail else ""), status))
 
 
-class _Document(Protocol):
-    """Collects a body up to ``limit`` bytes; past it, or on ``abort()``, drops the connection."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.done: Deferred[bytes] = Deferred()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self.abort()
-            self.done.errback(APIError(f"response larger than {self.limit} bytes"))
-            return
-        self.parts.append(data)
-
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self.parts))
-        else:
-            self.done.errback(reason)
+def _too_large(limit: int) -> Exception:
+    return APIError(f"response larger than {limit} bytes")
 
 
 class _Lines(Protocol):
