@@ -12,6 +12,10 @@ import json
 from collections.abc import Sequence
 from typing import ClassVar
 
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -131,6 +135,17 @@ _GRPC_BY_HTTP_STATUS: dict[int, int] = {
     503: 14,  # UNAVAILABLE: breaker open, no healthy instance
     504: 4,  # DEADLINE_EXCEEDED
 }
+
+
+def error_for(failure: Failure, log: Logger) -> GatewayError:
+    """What a protocol answers for a failed pipeline: its GatewayError, else a
+    500 without details (the failure logged, unless the request was cancelled)."""
+    error = failure.value
+    if isinstance(error, GatewayError):
+        return error
+    if not failure.check(CancelledError):
+        log.failure("unexpected pipeline failure", failure)
+    return GatewayError()
 
 
 def grpc_status(error: GatewayError) -> int:

@@ -43,6 +43,7 @@ from txgateway.errors import (
     NotImplementedByGateway,
     PayloadTooLarge,
     RequestTimeout,
+    error_for,
     render_json,
 )
 from txgateway.http11 import (
@@ -507,12 +508,7 @@ class HTTP11ServerProtocol(Protocol):
     def _failed(self, failure: Failure, exchange: _Exchange) -> None:
         if exchange.responded or self._lost:
             return
-        error = failure.value
-        if not isinstance(error, GatewayError):
-            if not failure.check(CancelledError):
-                self.log.failure("unexpected pipeline failure", failure)
-            error = GatewayError()
-        self._respond_error(exchange, error)
+        self._respond_error(exchange, error_for(failure, self.log))
 
     def _respond_error(self, exchange: _Exchange, error: GatewayError) -> None:
         status, headers, payload = render_json(error, exchange.ctx.request_id or None)

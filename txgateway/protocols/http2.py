@@ -59,6 +59,7 @@ from txgateway.errors import (
     GatewayError,
     NotImplementedByGateway,
     PayloadTooLarge,
+    error_for,
     render_grpc,
     render_json,
 )
@@ -774,12 +775,7 @@ class HTTP2ServerProtocol(Protocol):
     def _failed(self, failure: Failure, stream: _Stream) -> None:
         if stream.responded or stream.closed:
             return
-        error = failure.value
-        if not isinstance(error, GatewayError):
-            if not failure.check(CancelledError):
-                self.log.failure("unexpected pipeline failure", failure)
-            error = GatewayError()
-        self._respond_error(stream, error)
+        self._respond_error(stream, error_for(failure, self.log))
 
     def _respond_error(self, stream: _Stream, error: GatewayError) -> None:
         request_id = stream.ctx.request_id or None
