@@ -819,6 +819,13 @@ class HTTP2ServerProtocol(Protocol):
             self._send_headers(stream, headers, True)
             self._response_complete(stream)
         else:
+            if not isinstance(body, BytesBody):
+                # A body already whole (see HTTP11ServerProtocol._respond) goes out
+                # without the streaming machinery in between.
+                complete = getattr(body, "complete", None)
+                data = complete() if complete is not None else None
+                if data is not None:
+                    body = BytesBody(data)
             headers = [(b":status", _STATUS.get(status) or b"%d" % status), *_fields(response.headers, _NOT_IN_H2)]
             length = body.length
             if length is not None:
