@@ -196,6 +196,22 @@ class SwitchTests(SynchronousTestCase):
         self.reactor.advance(1)
         self.assertEqual(closed, [True])
 
+    def test_gauges_of_removed_upstreams_and_instances_are_dropped(self) -> None:
+        metrics = self.service.runtime.metrics
+
+        def healthy(upstream: str, address: str) -> float | None:
+            return sample(metrics, "txgateway_upstream_instance_healthy", upstream=upstream, address=address)
+
+        self.assertEqual(healthy("orders", "127.0.0.1:9002"), 1.0)
+        self.assertEqual(healthy("users", "127.0.0.1:9001"), 1.0)
+        text = CHANGED.replace('users: {servers: [{address: "127.0.0.1:9001"}]', 'users: {servers: [{address: "127.0.0.1:9011"}]')
+        self.assertTrue(self.reload_with(text).ok)
+        # A stale 1 (or 0) would stay exported for good, and an alert on it never resolve.
+        self.assertIsNone(healthy("orders", "127.0.0.1:9002"))
+        self.assertIsNone(healthy("users", "127.0.0.1:9001"))
+        self.assertEqual(healthy("users", "127.0.0.1:9011"), 1.0)
+        self.assertEqual(healthy("billing", "127.0.0.1:9003"), 1.0)
+
     def test_health_checks_of_a_removed_upstream_stop(self) -> None:
         health = {h.upstream.config.name: h for h in self.service.gateway.health}
         text = BASE.replace("health_check: {enabled: true, interval: 5}", "health_check: {enabled: true, interval: 7}")

@@ -158,6 +158,12 @@ class GatewayService(MultiService):
             gateway.start(previous)
         grace = config.server.shutdown_grace
         self.runtime.retire(old_keys, keys, grace)
+        upstreams = gateway.upstreams
+        self.runtime.metrics.prune(
+            {name: {instance.address for instance in upstream.instances} for name, upstream in upstreams.items()},
+            {name for name, upstream in upstreams.items() if upstream.breaker is not None},
+            {name for name, upstream in upstreams.items() if upstream.config.discovery is not None},
+        )
         in_use = {id(upstream.client) for upstream in gateway.upstreams.values()}
         for key, client in list(self._clients.items()):
             if id(client) not in in_use:

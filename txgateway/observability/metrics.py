@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -271,6 +272,38 @@ class GatewayMetrics:
         dirty = self._dirty
         while dirty:
             dirty.pop().flush()
+
+    def prune(
+        self, instances: Mapping[str, Collection[str]], breakers: Collection[str], discovered: Collection[str]
+    ) -> None:
+        """Drop the gauge series of what the running configuration no longer has.
+
+        After a reload removed an upstream, an instance, a breaker or a
+        discovery source, its last gauge value would stay exported for good,
+        and an "instance down" or "breaker open" alert on it would never
+        resolve.  ``instances`` maps each upstream to its instance addresses.
+        Counters and histograms are left: they simply stop moving.  (With
+        workers, prometheus-client cannot remove series; they stay.)
+        """
+        if multiprocess():
+            return
+        rules: list[tuple[Gauge, Callable[[dict[str, str]], bool]]] = [
+            (
+                self.instance_healthy,
+                lambda labels: labels["address"] in instances.get(labels["upstream"], ()),
+            ),
+            (self.breaker_state, lambda labels: labels["upstream"] in breakers),
+            (self.discovery_instances, lambda labels: labels["upstream"] in discovered),
+        ]
+        for gauge, keep in rules:
+            names = gauge._labelnames
+            for family in gauge.collect():
+                for sample in family.samples:
+                    if not keep(sample.labels):
+                        try:
+                            gauge.remove(*(sample.labels[name] for name in names))
+                        except KeyError:
+                            pass
 
     def grpc_call(self, route: str, grpc_status: str) -> None:
         """Count one answered gRPC call (children cached: one dict lookup)."""
