@@ -369,6 +369,7 @@ class AddressTests(SynchronousTestCase):
     def test_display_hides_the_password(self) -> None:
         self.assertEqual(RedisAddress("redis://user:secret@cache:6380/3").display, "redis://user@cache:6380/3")
         self.assertEqual(RedisAddress("redis://:secret@cache/0").display, "redis://cache/0")
+        self.assertEqual(RedisAddress("redis://cache/0?password=secret").display, "redis://cache/0")
 
     def test_not_redis(self) -> None:
         self.assertRaises(ValueError, RedisAddress, "http://cache")

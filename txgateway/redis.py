@@ -75,7 +75,8 @@ class RedisAddress:
             netloc = f"{netloc}:{parts.port}"
         if parts.username:
             netloc = f"{parts.username}@{netloc}"
-        self.display = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+        # No query in logs: redis URLs may carry options such as ?password=.
+        self.display = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
     def endpoint(self, reactor: Any, timeout: float = CONNECT_TIMEOUT) -> IStreamClientEndpoint:
         if self.scheme == "unix":
