@@ -30,15 +30,15 @@ import base64
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from txgateway.config.model import DiscoveryConfig, UpstreamServer
 from txgateway.config.schema import split_host_port
 from txgateway.observability.metrics import GatewayMetrics
-from txgateway.upstream.discovery._http import APIError, RegistryClient, Reply, StreamIdle, failure_reason
-from txgateway.upstream.discovery.source import InstanceSource
+from txgateway.upstream.discovery._http import APIError, RegistryClient, Reply
+from txgateway.upstream.discovery.listwatch import ListWatchSource
 
 __all__ = ["EtcdSource", "parse_instance", "prefix_end"]
 
@@ -46,8 +46,6 @@ __all__ = ["EtcdSource", "parse_instance", "prefix_end"]
 REQUEST_TIMEOUT = 30.0
 #: Seconds one watch stream is kept before it is renewed from the last revision.
 WATCH_RENEW = 300.0
-#: A watch that ended sooner than this after it started is resumed only after this.
-MIN_WATCH = 1.0
 
 
 class _Compacted(Exception):
@@ -101,7 +99,7 @@ def parse_instance(value: bytes, port: int | None) -> UpstreamServer | None:
     return UpstreamServer(host, number, weight)
 
 
-class EtcdSource(InstanceSource):
+class EtcdSource(ListWatchSource):
     kind = "etcd"
 
     def __init__(
@@ -122,30 +120,20 @@ class EtcdSource(InstanceSource):
         self.values: dict[bytes, bytes] = {}
         #: The revision the instances are known at.
         self.revision = 0
-        self._client: RegistryClient | None = None
-        self._call: Deferred[Any] | None = None
-        self._watch_started = 0.0
         #: Values already reported as unusable (logged once each).
         self._reported: set[tuple[bytes, bytes]] = set()
 
     def _begin(self) -> None:
         if self._client is None:
             self._client = RegistryClient(self._reactor, self.clock)
-        self._range()
-
-    def _halt(self) -> Deferred[None]:
-        call, self._call = self._call, None
-        if call is not None:
-            call.cancel()
-        client, self._client = self._client, None
-        return client.close() if client is not None else succeed(None)
+        self._read()
 
     def _span(self) -> dict[str, str]:
         return {"key": _b64(self.key), "range_end": _b64(prefix_end(self.key))}
 
     # -- range ------------------------------------------------------------------
 
-    def _range(self) -> None:
+    def _read(self) -> None:
         if not self.running or self._client is None:
             return
         d = self._call = self._client.document(
@@ -168,22 +156,13 @@ class EtcdSource(InstanceSource):
         self._publish()
         self._watch()
 
-    def _failed(self, failure: Failure) -> None:
-        if not self.running:
-            return
-        self._lost(failure_reason(failure))
-        self._later(self._retry_delay(), self._range)
-
     # -- watch ------------------------------------------------------------------
 
-    def _watch(self) -> None:
-        if not self.running or self._client is None:
-            return
-        self._watch_started = self.clock.seconds()
+    def _open_watch(self, client: RegistryClient) -> Deferred[int]:
         request = {
             "create_request": {**self._span(), "start_revision": str(self.revision + 1), "progress_notify": True}
         }
-        d = self._call = self._client.stream(
+        return client.stream(
             "POST",
             f"{self.url}/v3/watch",
             self._message,
@@ -191,7 +170,6 @@ class EtcdSource(InstanceSource):
             connect_timeout=REQUEST_TIMEOUT,
             idle=WATCH_RENEW,
         )
-        d.addCallbacks(self._watch_ended, self._watch_failed)
 
     def _message(self, message: Any) -> None:
         if not isinstance(message, dict):
@@ -218,28 +196,15 @@ class EtcdSource(InstanceSource):
         if changed:
             self._publish()
 
-    def _watch_ended(self, status: int) -> None:
-        if not self.running:
-            return
-        lasted = self.clock.seconds() - self._watch_started
-        self._later(0.0 if lasted >= MIN_WATCH else MIN_WATCH, self._watch)
-
-    def _watch_failed(self, failure: Failure) -> None:
-        if not self.running:
-            return
-        if failure.check(_Compacted):
-            self.log.info(
-                "etcd discovery of upstream {upstream}: revision {revision} compacted, reading the prefix again",
-                upstream=self.upstream,
-                revision=self.revision,
-            )
-            self._range()
-            return
-        if failure.check(StreamIdle):
-            self._watch()
-            return
-        self._lost(failure_reason(failure))
-        self._later(self._retry_delay(), self._range)
+    def _position_lost(self, failure: Failure) -> bool:
+        if not failure.check(_Compacted):
+            return False
+        self.log.info(
+            "etcd discovery of upstream {upstream}: revision {revision} compacted, reading the prefix again",
+            upstream=self.upstream,
+            revision=self.revision,
+        )
+        return True
 
     def _publish(self) -> None:
         servers = []

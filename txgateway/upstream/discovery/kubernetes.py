@@ -32,14 +32,14 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from txgateway.config.model import DiscoveryConfig, UpstreamServer
 from txgateway.observability.metrics import GatewayMetrics
-from txgateway.upstream.discovery._http import APIError, RegistryClient, Reply, StreamIdle, failure_reason, load_ca
-from txgateway.upstream.discovery.source import InstanceSource
+from txgateway.upstream.discovery._http import APIError, RegistryClient, Reply, load_ca
+from txgateway.upstream.discovery.listwatch import ListWatchSource
 
 __all__ = ["SERVICE_ACCOUNT", "KubernetesSource", "endpoint_servers"]
 
@@ -50,15 +50,13 @@ WATCH_SECONDS = 300
 WATCH_IDLE = WATCH_SECONDS + 30
 #: Seconds for a list, and for a watch's response head.
 REQUEST_TIMEOUT = 30.0
-#: A watch that ended sooner than this after it started is resumed only after this.
-MIN_WATCH = 1.0
 
 
 class _Gone(Exception):
     """The watch's resourceVersion is too old (410): list again."""
 
 
-class KubernetesSource(InstanceSource):
+class KubernetesSource(ListWatchSource):
     kind = "kubernetes"
 
     def __init__(
@@ -80,12 +78,9 @@ class KubernetesSource(InstanceSource):
         self.port_name = options.get("port_name")
         self._namespace = options.get("namespace")
         self._url = options.get("url")
-        self._client: RegistryClient | None = None
-        self._call: Deferred[Any] | None = None
         #: EndpointSlices by name, as last listed or watched.
         self.slices: dict[str, Mapping[str, Any]] = {}
         self.resource_version = ""
-        self._watch_started = 0.0
 
     @property
     def namespace(self) -> str:
@@ -122,16 +117,6 @@ class KubernetesSource(InstanceSource):
 
     # -- lifecycle ------------------------------------------------------------
 
-    def _begin(self) -> None:
-        self._list()
-
-    def _halt(self) -> Deferred[None]:
-        call, self._call = self._call, None
-        if call is not None:
-            call.cancel()
-        client, self._client = self._client, None
-        return client.close() if client is not None else succeed(None)
-
     def _connect(self) -> RegistryClient:
         if self._client is None:
             url = self.api_url()
@@ -143,7 +128,7 @@ class KubernetesSource(InstanceSource):
 
     # -- list -----------------------------------------------------------------
 
-    def _list(self) -> None:
+    def _read(self) -> None:
         if self.api_url() is None:
             self._failed(Failure(APIError("no API server: set discovery.url, or run in a pod")))
             return
@@ -164,28 +149,18 @@ class KubernetesSource(InstanceSource):
         self._publish()
         self._watch()
 
-    def _failed(self, failure: Failure) -> None:
-        if not self.running:
-            return
-        self._lost(failure_reason(failure))
-        self._later(self._retry_delay(), self._list)
-
     # -- watch ----------------------------------------------------------------
 
-    def _watch(self) -> None:
-        if not self.running or self._client is None:
-            return
-        self._watch_started = self.clock.seconds()
+    def _open_watch(self, client: RegistryClient) -> Deferred[int]:
         url = self._slices_url(
             watch="1",
             resourceVersion=self.resource_version,
             allowWatchBookmarks="true",
             timeoutSeconds=str(WATCH_SECONDS),
         )
-        d = self._call = self._client.stream(
+        return client.stream(
             "GET", url, self._event, headers=self._headers(), connect_timeout=REQUEST_TIMEOUT, idle=WATCH_IDLE
         )
-        d.addCallbacks(self._watch_ended, self._watch_failed)
 
     def _event(self, event: Any) -> None:
         if not isinstance(event, dict):
@@ -211,28 +186,15 @@ class KubernetesSource(InstanceSource):
             raise APIError(f"unknown watch event type {kind!r}")
         self._publish()
 
-    def _watch_ended(self, status: int) -> None:
-        if not self.running:
-            return
-        lasted = self.clock.seconds() - self._watch_started
-        self._later(0.0 if lasted >= MIN_WATCH else MIN_WATCH, self._watch)
-
-    def _watch_failed(self, failure: Failure) -> None:
-        if not self.running:
-            return
-        if failure.check(_Gone) or (isinstance(failure.value, APIError) and failure.value.status == 410):
-            self.log.info(
-                "kubernetes discovery of upstream {upstream}: resourceVersion {version} expired, listing again",
-                upstream=self.upstream,
-                version=self.resource_version,
-            )
-            self._list()
-            return
-        if failure.check(StreamIdle):
-            self._watch()
-            return
-        self._lost(failure_reason(failure))
-        self._later(self._retry_delay(), self._list)
+    def _position_lost(self, failure: Failure) -> bool:
+        if not (failure.check(_Gone) or (isinstance(failure.value, APIError) and failure.value.status == 410)):
+            return False
+        self.log.info(
+            "kubernetes discovery of upstream {upstream}: resourceVersion {version} expired, listing again",
+            upstream=self.upstream,
+            version=self.resource_version,
+        )
+        return True
 
     def _publish(self) -> None:
         self._found(endpoint_servers(self.slices.values(), self.config.port, self.port_name))
