@@ -6,6 +6,7 @@ tests/integration/test_shutdown.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from h2.connection import ConnectionState
@@ -29,6 +30,18 @@ from txgateway.upstream.websocket import OpenRelays
 GET = b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\n"
 
 
+def held_answers() -> tuple[Callable[[RequestContext], Deferred[Response]], list[Deferred[Response]]]:
+    """A gateway answer that holds every request, and the held answers in order."""
+    pending: list[Deferred[Response]] = []
+
+    def answer(ctx: RequestContext) -> Deferred[Response]:
+        d: Deferred[Response] = Deferred()
+        pending.append(d)
+        return d
+
+    return answer, pending
+
+
 class HTTP11DrainTests(SynchronousTestCase):
     def test_idle_keep_alive_connection_closes_at_once(self) -> None:
         connection = Connection(H1Gateway(lambda ctx: ok()))
@@ -41,13 +54,7 @@ class HTTP11DrainTests(SynchronousTestCase):
         self.assertTrue(connection.transport.disconnecting)
 
     def test_request_in_progress_is_answered_with_connection_close(self) -> None:
-        pending: list[Deferred[Response]] = []
-
-        def answer(ctx: RequestContext) -> Deferred[Response]:
-            d: Deferred[Response] = Deferred()
-            pending.append(d)
-            return d
-
+        answer, pending = held_answers()
         connection = Connection(H1Gateway(answer))
         connection.send(GET)
         connection.factory.drain()
@@ -59,13 +66,7 @@ class HTTP11DrainTests(SynchronousTestCase):
         self.assertTrue(connection.transport.disconnecting)
 
     def test_pipelined_requests_are_all_answered_the_last_one_closes(self) -> None:
-        pending: list[Deferred[Response]] = []
-
-        def answer(ctx: RequestContext) -> Deferred[Response]:
-            d: Deferred[Response] = Deferred()
-            pending.append(d)
-            return d
-
+        answer, pending = held_answers()
         connection = Connection(H1Gateway(answer))
         connection.send(GET + GET)
         connection.factory.drain()
@@ -127,13 +128,7 @@ class HTTP2DrainTests(SynchronousTestCase):
         self.assertTrue(wire.transport.disconnecting)
 
     def test_started_streams_finish_later_ones_are_refused(self) -> None:
-        pending: list[Deferred[Response]] = []
-
-        def answer(ctx: RequestContext) -> Deferred[Response]:
-            d: Deferred[Response] = Deferred()
-            pending.append(d)
-            return d
-
+        answer, pending = held_answers()
         wire = Wire(H2Gateway(answer))
         wire.request(1)
         wire.request(3)
