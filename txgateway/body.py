@@ -46,6 +46,17 @@ class BytesBody:
         self._sink = None
 
 
+def whole(body: IBody) -> IBody:
+    """``body`` as a :class:`BytesBody` when it has already arrived whole (a small
+    upstream response read in one go; see ``ResponseBody.complete``), so an
+    edge can send it with its head at once; else ``body`` itself."""
+    if isinstance(body, BytesBody):
+        return body
+    complete = getattr(body, "complete", None)
+    data = complete() if complete is not None else None
+    return body if data is None else BytesBody(data)
+
+
 @implementer(IBodySink)
 class _DiscardSink:
     """Consumes a body nobody wants (HEAD, 204 and 304 responses)."""

@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txgateway.body import DISCARD, BytesBody
+from txgateway.body import DISCARD, BytesBody, whole
 from txgateway.config.model import Limits
 from txgateway.errors import (
     BadRequest,
@@ -541,13 +541,8 @@ class HTTP11ServerProtocol(Protocol):
             keep_alive = False
         chunked = False
         framing: bytes
-        if body is not None and not isinstance(body, BytesBody):
-            # A body that is already whole (a small upstream response read in
-            # one go) is sent with its head in one write, without a producer.
-            complete = getattr(body, "complete", None)
-            data = complete() if complete is not None else None
-            if data is not None:
-                body = BytesBody(data)
+        if body is not None:
+            body = whole(body)  # then sent with its head in one write, without a producer
         if body_forbidden(ctx.method, response.status):
             framing = b""
             if body is not None:

@@ -53,7 +53,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txgateway.body import DISCARD, BytesBody
+from txgateway.body import DISCARD, BytesBody, whole
 from txgateway.errors import (
     BadRequest,
     GatewayError,
@@ -819,13 +819,7 @@ class HTTP2ServerProtocol(Protocol):
             self._send_headers(stream, headers, True)
             self._response_complete(stream)
         else:
-            if not isinstance(body, BytesBody):
-                # A body already whole (see HTTP11ServerProtocol._respond) goes out
-                # without the streaming machinery in between.
-                complete = getattr(body, "complete", None)
-                data = complete() if complete is not None else None
-                if data is not None:
-                    body = BytesBody(data)
+            body = whole(body)  # then sent without the streaming machinery in between
             headers = [(b":status", _STATUS.get(status) or b"%d" % status), *_fields(response.headers, _NOT_IN_H2)]
             length = body.length
             if length is not None:
