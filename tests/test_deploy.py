@@ -30,11 +30,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorProcess, IReactorTCP
 from twisted.internet.utils import getProcessValue
-from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 import txgateway
+from tests.tools import missing
 from txgateway.config import ConfigError, GatewayConfig, load_config
 from txgateway.config.schema import split_endpoint
 from txgateway.observability.metrics import GatewayMetrics
@@ -100,11 +101,6 @@ PROMETHEUS_SERIES = frozenset({"up"})
 
 # -- reading the files ---------------------------------------------------------
 
-
-
-def missing(reason: str) -> Exception:
-    """A tool the test suite installs (make test) is absent: a failure in CI, a skip elsewhere."""
-    return FailTest(reason) if os.environ.get("CI") else SkipTest(reason)
 
 def yaml_documents(path: Path) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8") as stream:
