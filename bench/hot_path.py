@@ -146,7 +146,7 @@ def main() -> None:
             profile.enable()
             wire.run(args.requests)
             profile.disable()
-            pstats.Stats(profile).sort_stats("tottime").print_stats(35)
+            pstats.Stats(profile).sort_stats(os.environ.get("SORT","tottime")).print_stats(int(os.environ.get("TOP","35")))
             return
         results = [wire.run(args.requests) for _ in range(args.rounds)]
     best = min(results)

@@ -229,6 +229,7 @@ class Suite:
         if "1" in rows:
             add("1/direct", "1", "upstream directly (nginx, 1 KiB)")
             add("1/nginx", "1", "nginx proxy, 1 worker")
+            add("1/reference", "1", "bare Twisted + httptools relay (the floor)", "1/nginx")
             add("1/txgateway", "1", "txgateway, plain proxy", "1/nginx")
         if "2" in rows:
             add("2/txgateway", "2", "txgateway, full pipeline", "1/nginx")
@@ -454,6 +455,21 @@ class Suite:
                     self.measure_payloads("nginx", proxy_base)
 
             self.attempt(["1/nginx", "5/big-nginx", "5/up-nginx"], nginx_lines)
+        if "1/reference" in self.lines:
+            self.attempt(["1/reference"], self.reference_proxy)
+
+    def reference_proxy(self) -> None:
+        """Row 1's floor: bench/reference_proxy.py, the least a Python relay on Twisted does."""
+        port = free_port()
+        progress(f"starting the reference relay on 127.0.0.1:{port}")
+        script = Path(__file__).with_name("reference_proxy.py")
+        argv = [sys.executable, str(script), str(port), str(self.upstream_port)]
+        server = ServerProcess("reference-relay", Pinning.wrap(self.pins.proxy, argv), self.workdir)
+        server.start()
+        url = f"http://127.0.0.1:{port}{REQUEST_PATH}"
+        with self.running(server):
+            proxy.wait_until_ok(server, url)
+            self.measure("1/reference", url, lambda: expect("reference relay", url))
 
     def plain_gateway(self) -> None:
         """Row 1 (and row 5's gateway lines, and the added latency) on the plain proxy."""

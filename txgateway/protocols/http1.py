@@ -59,6 +59,7 @@ from txgateway.messages import Response
 from txgateway.pipeline.context import RequestContext
 from txgateway.protocols.websocket import take_over
 from txgateway.upstream.websocket import WebSocketUpgrade
+from txgateway.wire import write_soon
 
 if TYPE_CHECKING:
     from txgateway.gateway import Gateway
@@ -568,11 +569,11 @@ class HTTP11ServerProtocol(Protocol):
         transport = self.transport
         head = status_line(response.status, response.reason) + encode_headers(response.headers) + framing + b"\r\n"
         if body is None:
-            transport.write(head)
+            write_soon(transport, head)
             self.response_finished(exchange)
         elif isinstance(body, BytesBody):
             ctx.bytes_out = len(body.data)
-            transport.write(head + body.data)
+            write_soon(transport, head + body.data)
             self.response_finished(exchange)
         else:
             transport.write(head)

@@ -36,6 +36,7 @@ from txgateway.errors import BadRequest, UpstreamProtocolError, UpstreamReset
 from txgateway.http11 import LAST_CHUNK, chunk, request_head
 from txgateway.interfaces import IBody, IBodySink
 from txgateway.messages import Headers, Response, UpstreamRequest
+from txgateway.wire import write_soon
 
 __all__ = ["ConnectionListener", "HTTP11Connection", "ResponseBody", "ResponseHandler"]
 
@@ -337,7 +338,7 @@ class HTTP11Connection(Protocol):
             if method in _BODY_METHODS:
                 headers = [*headers, _CONTENT_LENGTH_0]
             self._requestDone = True
-            transport.write(request_head(method, request.target, headers))
+            write_soon(transport, request_head(method, request.target, headers))
             return
         length = body.length
         if length is None:
@@ -345,7 +346,7 @@ class HTTP11Connection(Protocol):
         else:
             headers = [*headers, (b"content-length", b"%d" % length)]
         self._requestDone = False
-        transport.write(request_head(method, request.target, headers))
+        write_soon(transport, request_head(method, request.target, headers))
         writer = self._requestWriter = _RequestBodyWriter(self, length)
         transport.registerProducer(body, True)
         body.deliverTo(writer)
