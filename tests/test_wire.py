@@ -7,11 +7,13 @@ from typing import Any
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from txgateway.wire import write_soon
 
@@ -45,6 +47,21 @@ class Peer(Protocol):
         else:
             self._wanted = (size, d)
         return d
+
+
+@implementer(IPushProducer)
+class Producer:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.events.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.events.append("resume")
+
+    def stopProducing(self) -> None:
+        self.events.append("stop")
 
 
 async def connected_pair(test: TestCase) -> tuple[Peer, Peer]:
@@ -135,6 +152,19 @@ class WriteSoonTests(TestCase):
             write_soon(server.transport, b"x" * 65536)
             await turn()
         self.assertTrue(server.lost.called)
+
+    async def test_a_full_queue_pauses_a_streaming_producer_until_it_drains(self) -> None:
+        server, client = await connected_pair(self)
+        producer = Producer()
+        server.transport.registerProducer(producer, True)  # type: ignore[union-attr]
+        big = b"p" * (4 * 1024 * 1024)
+        write_soon(server.transport, big)
+        self.assertEqual(producer.events, ["pause"], "paused at once, as transport.write does")
+        await client.receive(len(big))
+        while producer.events[-1] != "resume":
+            await turn()
+        self.assertEqual(producer.events, ["pause", "resume"])
+        server.transport.unregisterProducer()  # type: ignore[union-attr]
 
     def test_other_transports_are_written_as_usual(self) -> None:
         transport = StringTransport()

@@ -53,9 +53,7 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
 
 def encode_headers(headers: Headers) -> bytes:
     """Header lines, each ending in CRLF, without the blank line."""
-    if not headers:
-        return b""
-    return b"\r\n".join([b": ".join(header) for header in headers]) + b"\r\n"
+    return b"".join([b"%s: %s\r\n" % header for header in headers])
 
 
 def request_head(method: bytes, target: bytes, headers: Headers) -> bytes:

@@ -91,6 +91,8 @@ def write_soon(transport: Any, data: bytes) -> None:
     transport._tempDataBuffer.append(data)
     length = transport._tempDataLen
     transport._tempDataLen = length + len(data)
+    if transport.producer is not None:
+        transport._maybePauseProducer()  # a full queue pauses a streaming body, as write() does
     if length or transport.dataBuffer:
         return  # already noted this turn, or already registered for writing
     reactor = transport.reactor

@@ -827,6 +827,8 @@ class EtcdReplayTests(TestCase):
         upstream = fed(source, self)
         source.start()
         await eventually(lambda: addresses(upstream) == ["127.0.0.1:9001", "127.0.0.1:9002"], "ranged again")
+        # The new watch goes out after the range's answer is applied: wait for it.
+        await eventually(lambda: len(api.seen) >= 4, "watched again")
         self.assertEqual([s.path for s in api.seen], ["/v3/kv/range", "/v3/watch", "/v3/kv/range", "/v3/watch"])
         self.assertEqual(
             json.loads(api.seen[0].body), {"key": _b64("/services/orders/"), "range_end": _b64("/services/orders0")}

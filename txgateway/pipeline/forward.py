@@ -69,6 +69,10 @@ class HeaderRules:
         return out
 
 
+#: The usual Connection values, which list no header beyond the hop-by-hop ones.
+_KEEP_ALIVE = frozenset({b"keep-alive", b"Keep-Alive", b"Keep-alive"})
+
+
 def _strip(headers: Headers, drop: frozenset[bytes]) -> tuple[Headers, list[bytes]]:
     """Drop ``drop`` (which holds Connection and Via) and Connection-listed names;
     return the rest and any Via values.  One pass in the usual case."""
@@ -80,8 +84,8 @@ def _strip(headers: Headers, drop: frozenset[bytes]) -> tuple[Headers, list[byte
         if name in drop:
             if name == b"via":
                 via.append(header[1])
-            elif name == b"connection":
-                listed = True
+            elif name == b"connection" and header[1] not in _KEEP_ALIVE:
+                listed = True  # names other than keep-alive (itself hop-by-hop)
             continue
         kept.append(header)
     if listed:

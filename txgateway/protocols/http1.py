@@ -188,12 +188,12 @@ class _ResponseWriter:
     def write(self, data: bytes) -> None:
         if data and self._channel.transport is not None:
             self._exchange.ctx.bytes_out += len(data)
-            self._channel.transport.write(chunk(data) if self._chunked else data)
+            write_soon(self._channel.transport, chunk(data) if self._chunked else data)
 
     def finish(self) -> None:
         channel = self._channel
         if self._chunked and channel.transport is not None:
-            channel.transport.write(LAST_CHUNK)
+            write_soon(channel.transport, LAST_CHUNK)
         channel.response_finished(self._exchange)
 
     def abort(self, reason: object) -> None:
@@ -576,7 +576,7 @@ class HTTP11ServerProtocol(Protocol):
             write_soon(transport, head + body.data)
             self.response_finished(exchange)
         else:
-            transport.write(head)
+            write_soon(transport, head)
             exchange.response_body = body
             transport.registerProducer(body, True)  # type: ignore[attr-defined]
             body.deliverTo(_ResponseWriter(self, exchange, chunked))

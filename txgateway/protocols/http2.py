@@ -66,6 +66,7 @@ from txgateway.errors import (
 from txgateway.interfaces import IBody, IBodySink, IRequestBody
 from txgateway.messages import Response
 from txgateway.pipeline.context import RequestContext
+from txgateway.wire import write_soon
 
 if TYPE_CHECKING:
     from txgateway.gateway import Gateway
@@ -1061,7 +1062,7 @@ class HTTP2ServerProtocol(Protocol):
     def _write_out(self) -> None:
         data = self._conn.data_to_send()
         if data and self.transport is not None and not self._lost:
-            self.transport.write(data)
+            write_soon(self.transport, data)
 
     def _abuse(self, code: ErrorCodes, reason: str) -> None:
         self.log.warn("HTTP/2 client {client} {reason}: GOAWAY", client=self._client_ip, reason=reason)

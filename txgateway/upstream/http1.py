@@ -113,7 +113,7 @@ class _RequestBodyWriter:
             return
         remaining = self._remaining
         if remaining is None:
-            connection.transport.write(chunk(data))
+            write_soon(connection.transport, chunk(data))
             connection._requestBodyProgress()
             return
         remaining -= len(data)
@@ -124,7 +124,7 @@ class _RequestBodyWriter:
             )
             return
         self._remaining = remaining
-        connection.transport.write(data)
+        write_soon(connection.transport, data)
         connection._requestBodyProgress()
 
     def finish(self) -> None:
@@ -134,7 +134,7 @@ class _RequestBodyWriter:
         self._connection = None
         remaining = self._remaining
         if remaining is None:
-            connection.transport.write(LAST_CHUNK)
+            write_soon(connection.transport, LAST_CHUNK)
         elif remaining:
             connection._requestBodyFailed(
                 Failure(BadRequest("request body is shorter than its declared length"))

@@ -70,6 +70,7 @@ from txgateway.errors import (
 )
 from txgateway.interfaces import IBody, IBodySink, IUpstreamClient
 from txgateway.messages import Headers, Response, UpstreamRequest
+from txgateway.wire import write_soon
 
 __all__ = ["H2Client"]
 
@@ -1216,7 +1217,7 @@ class _Connection(Protocol):
             return
         data = h2.data_to_send()
         if data:
-            self.transport.write(data)
+            write_soon(self.transport, data)
 
 
 _HANDLERS: dict[type, Any] = {

@@ -69,7 +69,12 @@ class _PooledConnection(ClientFactory):
         self.counted = True
         self.idle = False
         self.idleSince = 0.0
-        self.idleTimer: DelayedCall | None = None
+        #: The request on this connection whose response-head deadline the
+        #: connection's timer keeps (see HTTP11Client._arm).
+        self.watched: _Attempt | None = None
+        #: The connection's one timer: the watched request's deadline while
+        #: busy, the idle timeout while idle; re-armed lazily.
+        self.timer: DelayedCall | None = None
         self.closedWaiters: list[Deferred[None]] | None = None
 
     # ClientFactory
@@ -112,13 +117,17 @@ class _PooledConnection(ClientFactory):
 class _Attempt:
     """One call to :meth:`HTTP11Client.request`, until its response head."""
 
-    __slots__ = ("client", "deferred", "host", "queued", "record", "request", "retried", "timer")
+    __slots__ = ("client", "deadline", "deferred", "host", "queued", "record", "request", "retried", "timer")
 
     def __init__(self, client: HTTP11Client, host: _HostPool, request: UpstreamRequest) -> None:
         self.client = client
         self.host = host
         self.request = request
         self.deferred: Deferred[Response] | None = None
+        #: When the response head is due; None until the request is queued or sent.
+        self.deadline: float | None = None
+        #: Its own timer, only while queued for a connection (and then kept
+        #: until the head); on a connection, the connection's timer watches.
         self.timer: DelayedCall | None = None
         #: The connection being made for it, or carrying it.
         self.record: _PooledConnection | None = None
@@ -126,28 +135,43 @@ class _Attempt:
         self.retried = False
 
     def startTimer(self) -> None:
+        """Queued: the deadline runs from now, on a timer of its own."""
         if self.timer is None:
-            self.timer = self.client._reactor.callLater(
-                self.request.response_timeout, self.timedOut
-            )
+            timeout = self.request.response_timeout
+            self.deadline = self.client._reactor.seconds() + timeout
+            self.timer = self.client._reactor.callLater(timeout, self.timedOut)
+
+    def _unwatch(self) -> None:
+        """Stop the deadline: cancel our timer, or leave the connection's (it finds nothing to do)."""
+        record = self.record
+        if record is not None and record.watched is self:
+            record.watched = None
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     # ResponseHandler
 
     def requestProgress(self) -> None:
         timer = self.timer
-        if timer is not None and timer.active():
-            timer.reset(self.request.response_timeout)
+        if timer is not None:
+            if timer.active():
+                timer.reset(self.request.response_timeout)
+        elif self.deadline is not None:
+            # The connection's timer fires at the old deadline, sees this one, waits on.
+            self.deadline = self.client._reactor.seconds() + self.request.response_timeout
 
     def responseReceived(self, response: Response) -> None:
+        self._unwatch()
         self.record = None
         d, self.deferred = self.deferred, None
-        timer, self.timer = self.timer, None
-        if timer is not None:
-            timer.cancel()
         if d is not None:
             d.callback(response)
 
     def requestFailed(self, reason: Failure, stale: bool) -> None:
+        record = self.record
+        if record is not None and record.watched is self:
+            record.watched = None
         self.record = None
         if self.deferred is None:
             return
@@ -169,9 +193,7 @@ class _Attempt:
 
     def fail(self, reason: Failure) -> None:
         d, self.deferred = self.deferred, None
-        timer, self.timer = self.timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._unwatch()
         if d is not None:
             d.errback(reason)
 
@@ -199,9 +221,7 @@ class _Attempt:
         if self.deferred is None:
             return
         self.deferred = None
-        timer, self.timer = self.timer, None
-        if timer is not None:
-            timer.cancel()
+        self._unwatch()
         self._abandon()
 
     def _abandon(self) -> None:
@@ -291,7 +311,14 @@ class HTTP11Client:
 
     def _send(self, attempt: _Attempt, record: _PooledConnection, reused: bool) -> None:
         attempt.record = record
-        attempt.startTimer()
+        if attempt.timer is None:
+            # Not queued before: the deadline runs from now (a stale retry
+            # keeps the first one), kept by the connection's timer.
+            deadline = attempt.deadline
+            if deadline is None:
+                deadline = attempt.deadline = self._reactor.seconds() + attempt.request.response_timeout
+            record.watched = attempt
+            self._arm(record, deadline)
         assert record.connection is not None
         record.connection.request(attempt.request, attempt, reused)
 
@@ -328,23 +355,45 @@ class HTTP11Client:
             connection.close()
             return
         record.idle = True
-        record.idleSince = self._reactor.seconds()
+        now = record.idleSince = self._reactor.seconds()
         host.idle.append(record)
-        if record.idleTimer is None:
-            record.idleTimer = self._reactor.callLater(self._idleTimeout, self._idleCheck, record)
+        self._arm(record, now + self._idleTimeout)
 
-    def _idleCheck(self, record: _PooledConnection) -> None:
-        """Close ``record`` if it has been idle long enough, else look again later.
+    # Each connection has one timer for both of its deadlines: the response
+    # head of the request it carries, and the idle timeout while it waits in
+    # the pool.  The timer is not moved for each request: it is brought
+    # forward only when a deadline is earlier than it, and when it fires it
+    # acts if a deadline has passed and otherwise waits for the next one.  So
+    # a request on a busy keep-alive connection costs no timer operation.
 
-        One timer per connection, re-armed lazily, instead of one per request.
-        """
-        record.idleTimer = None
-        if not record.idle:
-            return  # busy or gone; the next release re-arms the timer
-        left = record.idleSince + self._idleTimeout - self._reactor.seconds()
-        if left > 0:
-            record.idleTimer = self._reactor.callLater(left, self._idleCheck, record)
+    def _arm(self, record: _PooledConnection, when: float) -> None:
+        timer = record.timer
+        if timer is None:
+            record.timer = self._reactor.callLater(max(0.0, when - self._reactor.seconds()), self._check, record)
+        elif timer.getTime() > when:
+            timer.reset(max(0.0, when - self._reactor.seconds()))
+
+    def _check(self, record: _PooledConnection) -> None:
+        record.timer = None
+        now = self._reactor.seconds()
+        if record.idle:
+            left = record.idleSince + self._idleTimeout - now
+            if left > 0:
+                record.timer = self._reactor.callLater(left, self._check, record)
+            else:
+                self._closeIdle(record)
             return
+        attempt = record.watched
+        if attempt is None or attempt.deadline is None:
+            return  # between requests, or gone: the next one re-arms
+        left = attempt.deadline - now
+        if left > 0:
+            record.timer = self._reactor.callLater(left, self._check, record)
+            return
+        record.watched = None
+        attempt.timedOut()
+
+    def _closeIdle(self, record: _PooledConnection) -> None:
         record.idle = False
         record.host.idle.remove(record)
         self.log.debug("closing idle upstream connection to {address}", address=record.host.address)
@@ -355,7 +404,8 @@ class HTTP11Client:
         if record.idle:
             record.idle = False
             record.host.idle.remove(record)
-        timer, record.idleTimer = record.idleTimer, None
+        record.watched = None
+        timer, record.timer = record.timer, None
         if timer is not None and timer.active():
             timer.cancel()
         self._uncount(record)
