@@ -296,3 +296,50 @@ class MemorySampler:
             self.hwm_kib = status_kib(self.pid, "VmHWM")
         except BenchError:
             self.hwm_kib = None
+
+
+# CPU time of the server being measured.  Requests per second move by 20% and
+# more between identical runs on a shared VM; CPU time per request, read from
+# /proc around the run, moves much less and is what before/after comparisons
+# should use.
+
+
+def listener_pids(port: int) -> list[int]:
+    """The processes holding a socket listening on loopback *port* (nginx: master and worker;
+    txgateway with workers: each worker's own SO_REUSEPORT socket, and the supervisor)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    pids: list[int] = []
+    if not inodes:
+        return pids
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in inodes for fd in fds):
+                pids.append(int(entry))
+        except OSError:
+            continue  # gone, or not ours to read
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of *pids* so far (processes gone meanwhile count 0)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks

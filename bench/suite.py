@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -100,6 +101,8 @@ class Line:
     p50_ms: float | None = None
     p99_ms: float | None = None
     mib_per_sec: float | None = None
+    #: CPU time (user + system) of the measured server per request, from /proc.
+    cpu_us: float | None = None
     requests: int | None = None
     errors: int | None = None
     vs_nginx: float | None = None
@@ -348,7 +351,11 @@ class Suite:
                 progress(f"[row {line.row}] warming up {line.label}")
                 self.wrk.run(replace(run, seconds=a.warmup))
             progress(f"[row {line.row}] measuring {line.label}: {url}")
+            pids = load.listener_pids(urllib.parse.urlsplit(url).port or 80)
+            cpu_before = load.cpu_seconds(pids)
             result = self.wrk.run(run)
+            if pids and result.requests:
+                line.cpu_us = (load.cpu_seconds(pids) - cpu_before) / result.requests * 1e6
             line.output = result.output
             if not result.requests:
                 raise BenchError(f"no request completed in {run.seconds} s:\n{result.output}")
@@ -847,7 +854,9 @@ def print_report(
         f"wrk: {a.threads} thread, {a.connections} connections, {a.duration} s per line after {a.warmup} s warm-up; "
         f"h2load: {a.h2_connections} connections x {a.h2_streams} streams; pinning: {pinning}"
     )
-    header = f"{'row':<4}{'measured':<40}{'req/s':>10}{'p50':>10}{'p99':>10}{'MiB/s':>9}{'vs nginx':>10}  note"
+    header = (
+        f"{'row':<4}{'measured':<40}{'req/s':>10}{'p50':>10}{'p99':>10}{'MiB/s':>9}{'CPU/req':>10}{'vs nginx':>10}  note"
+    )
     print()
     print(header)
     print("-" * len(header))
@@ -860,7 +869,8 @@ def print_report(
         print(
             f"{line.row:<4}{line.label:<40}{_fmt(line.requests_per_sec, ',.0f'):>10}"
             f"{_fmt(line.p50_ms, '.2f', 'ms'):>10}{_fmt(line.p99_ms, '.2f', 'ms'):>10}"
-            f"{_fmt(line.mib_per_sec, ',.1f'):>9}{_fmt(line.vs_nginx, '.2f', 'x'):>10}"
+            f"{_fmt(line.mib_per_sec, ',.1f'):>9}{_fmt(line.cpu_us, ',.0f', 'µs'):>10}"
+            f"{_fmt(line.vs_nginx, '.2f', 'x'):>10}"
             + (f"  {line.note}" if line.note else "")
         )
     if "latency" in suite.rows:
