@@ -319,6 +319,10 @@ _COMBINED_ESCAPES = {c: f"\\x{c:02X}" for c in (*range(0x20), 0x22, 0x5C, *range
 _quote: Callable[[str], str] = encode_basestring_ascii
 
 
+#: At most this many remembered literals (methods are the client's to choose).
+_QUOTED_MAX = 100_000
+
+
 def _optional(value: object) -> str:
     return "null" if value is None else _quote(str(value))
 
@@ -333,6 +337,8 @@ class AccessLog:
         self.format = format
         self._secret = frozenset(name.lower() for name in secret_params)
         self._clock = _Clock()
+        #: JSON literals of methods, route names and upstream addresses.
+        self._quoted: dict[object, str] = {}
         self._line: Callable[[RequestContext], str] = self.json_line if format == "json" else self.combined_line
 
     def __call__(self, ctx: RequestContext) -> None:
@@ -355,20 +361,40 @@ class AccessLog:
         if ctx.upstream_started is not None and ctx.upstream_ended is not None:
             upstream_ms = repr(round((ctx.upstream_ended - ctx.upstream_started) * 1000.0, 3))
         consumer = getattr(ctx.identity, "consumer", None)
+        quoted = self._quoted
+        method = quoted.get(ctx.method)
+        if method is None:
+            method = self._remember(ctx.method, ctx.method.decode("latin-1"))
+        route_name = "null"
+        if route is not None:
+            route_name = quoted.get(route.name) or self._remember(route.name, route.name)
+        upstream = "null"
+        if ctx.upstream_address is not None:
+            upstream = quoted.get(ctx.upstream_address) or self._remember(ctx.upstream_address, ctx.upstream_address)
+        # Trace ids are validated or generated hex: never anything to escape.
+        trace_id = f'"{trace.trace_id}"' if trace is not None else "null"
         return (
             f'{{"time":"{self._clock.iso(ctx.started)}","request_id":{_quote(ctx.request_id)},'
-            f'"trace_id":{_quote(trace.trace_id) if trace is not None else "null"},'
-            f'"client_ip":{_quote(ctx.client_address)},"method":{_quote(ctx.method.decode("latin-1"))},'
-            f'"route":{_quote(route.name) if route is not None else "null"},"path":{_quote(self.target(ctx))},'
+            f'"trace_id":{trace_id},'
+            f'"client_ip":{_quote(ctx.client_address)},"method":{method},'
+            f'"route":{route_name},"path":{_quote(self.target(ctx))},'
             f'"status":{ctx.status:d},"bytes_in":{ctx.bytes_in:d},"bytes_out":{ctx.bytes_out:d},'
             f'"duration_ms":{round((ctx.ended - ctx.started) * 1000.0, 3)!r},"upstream_ms":{upstream_ms},'
-            f'"upstream":{_optional(ctx.upstream_address)},'
+            f'"upstream":{upstream},'
             f'"consumer":{_quote(str(consumer)) if consumer is not None else "null"},'
             f'"rate_limit":{_optional(notes.get("rate_limit")) if notes is not None else "null"},'
             f'"cache":{_optional(notes.get("cache")) if notes is not None else "null"},'
             f'"protocol":{_quote(ctx.protocol)},'
             f'"user_agent":{_quote(user_agent.decode("latin-1")) if user_agent is not None else "null"}}}'
         )
+
+    def _remember(self, key: object, text: str) -> str:
+        """The JSON literal of ``text`` (a method, route name or upstream
+        address: a bounded set), kept for the next line that has it."""
+        literal = _quote(text)
+        if len(self._quoted) < _QUOTED_MAX:
+            self._quoted[key] = literal
+        return literal
 
     def combined_line(self, ctx: RequestContext) -> str:
         consumer = getattr(ctx.identity, "consumer", None)

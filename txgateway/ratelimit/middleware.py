@@ -150,7 +150,10 @@ class RateLimit:
         self._storage_errors: Any = None
         if metrics is not None:
             counter = metrics.ratelimit_decisions
-            self._decisions = _Decisions(counter.labels(route, "allowed"), counter.labels(route, "limited"))
+            self._decisions = _Decisions(
+                metrics.batched_counter(counter.labels(route, "allowed")),
+                metrics.batched_counter(counter.labels(route, "limited")),
+            )
             self._storage_errors = counter.labels(route, "storage_error")
         self.config = config
         self.default = Policy(
