@@ -86,14 +86,14 @@ def stage(algorithm_name: str, nkeys: int) -> Callable[[int], None]:
         ),
     )
     store = MemoryStore(clock)
-    limiter = RateLimit("users-api", config, key_function("consumer", lambda ip: False), store)
+    limiter = RateLimit("users-api", config, key_function("consumer"), store)
     contexts = []
     for i in range(nkeys):
         ctx = RequestContext(b"GET", "/api/users/1", b"", [(b"host", b"api")], client_ip="192.0.2.1")
         ctx.identity = Identity(f"consumer-{i}", roles=frozenset({"premium"}))
         contexts.append(ctx)
     policy_for = limiter.policy
-    key_of = key_function("consumer", lambda ip: False)
+    key_of = key_function("consumer")
     decide = store.decide
 
     def run(count: int) -> None:
