@@ -1,7 +1,8 @@
-"""txgateway.wire.write_soon on real loopback sockets."""
+"""Writing on real loopback sockets: wire.write_soon, and TCP_NODELAY on the client connections."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -171,3 +172,27 @@ class WriteSoonTests(TestCase):
         write_soon(transport, b"abc")
         write_soon(transport, b"def")
         self.assertEqual(transport.value(), b"abcdef")
+
+
+class ClientConnectionTests(TestCase):
+    async def test_accepted_connections_send_without_nagle_delay(self) -> None:
+        from txgateway.config.model import GatewayConfig
+        from txgateway.protocols.detect import GatewayServerFactory
+
+        class Generation:
+            config = GatewayConfig()
+
+        factory = GatewayServerFactory(lambda: Generation, reactor)  # type: ignore[arg-type,return-value]
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = Peer()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(lambda: client))
+        while not factory.live:
+            await turn()
+        [accepted] = list(factory.live)
+        sock = accepted.transport.getHandle()
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        client.transport.abortConnection()  # type: ignore[union-attr]
+        await client.lost
+        while factory.open_connections:
+            await turn()

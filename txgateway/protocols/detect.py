@@ -49,6 +49,14 @@ class ProtocolDetector(Protocol):
         self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
+        # Responses, SSE events and gRPC messages go out as soon as they are
+        # written: without TCP_NODELAY a small write behind an unacknowledged
+        # one waits for the client's delayed ACK (up to 40 ms).  nginx and
+        # Envoy set it on client connections too.  (TLS: the wrapper passes
+        # the call to the TCP transport.)
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
         # A connection that never sends a byte is closed like an idle HTTP/1.1 one.
         self._timer = self.factory.clock.callLater(self.factory.limits().header_timeout, self._expired)
 
