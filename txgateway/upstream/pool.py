@@ -141,11 +141,15 @@ class _Attempt:
             self.deadline = self.client._reactor.seconds() + timeout
             self.timer = self.client._reactor.callLater(timeout, self.timedOut)
 
-    def _unwatch(self) -> None:
-        """Stop the deadline: cancel our timer, or leave the connection's (it finds nothing to do)."""
+    def _leave_connection_timer(self) -> None:
+        """The connection's timer no longer watches this request (it finds nothing to do when it fires)."""
         record = self.record
         if record is not None and record.watched is self:
             record.watched = None
+
+    def _unwatch(self) -> None:
+        """Stop the deadline: cancel our own timer, or leave the connection's."""
+        self._leave_connection_timer()
         timer, self.timer = self.timer, None
         if timer is not None and timer.active():
             timer.cancel()
@@ -169,9 +173,7 @@ class _Attempt:
             d.callback(response)
 
     def requestFailed(self, reason: Failure, stale: bool) -> None:
-        record = self.record
-        if record is not None and record.watched is self:
-            record.watched = None
+        self._leave_connection_timer()  # a stale retry keeps its deadline on the next connection
         self.record = None
         if self.deferred is None:
             return
