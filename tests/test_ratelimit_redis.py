@@ -168,6 +168,47 @@ class RedisStoreTests(SynchronousTestCase):
         self.assertTrue(self.successResultOf(first).allowed)
         self.assertFalse(self.successResultOf(second).allowed)
 
+    def test_replies_reach_txredisapi_commands_and_decisions_in_order(self) -> None:
+        # Decisions skip txredisapi's reply queue; a command sent through
+        # txredisapi in between must still get its own reply.
+        server = self.connected()
+        first = self.decide("a")
+        connection = self.store._link.connection
+        assert connection is not None
+        pong = connection.execute_command("PING")
+        second = self.decide("b")
+        self.assertEqual([c[0] for c in server.commands()], ["EVALSHA", "PING", "EVALSHA"])
+        server.reply(LIMITED + b"+PONG\r\n")
+        self.assertFalse(self.successResultOf(first).allowed)
+        self.assertEqual(self.successResultOf(pong), "PONG")
+        self.assertNoResult(second)
+        server.reply(ALLOWED)
+        self.assertTrue(self.successResultOf(second).allowed)
+
+    def test_each_decision_times_out_at_its_own_deadline(self) -> None:
+        self.connected()
+        patient = self.decide("patient", timeout=1.0)
+        hasty = self.decide("hasty", timeout=0.05)  # an earlier deadline than the timer's
+        self.reactor.advance(0.05)
+        self.failureResultOf(hasty, StorageError)
+        self.assertNoResult(patient)
+        self.reactor.advance(0.949)
+        self.assertNoResult(patient)
+        self.reactor.advance(0.001)
+        self.failureResultOf(patient, StorageError)
+
+    def test_answered_decisions_are_not_kept(self) -> None:
+        # One timer watches every decision in flight; answered ones leave its
+        # list, so a steady stream of decisions holds only those unanswered.
+        server = self.connected()
+        for _ in range(1000):
+            d = self.decide("k", timeout=5.0)
+            server.reply(ALLOWED)
+            self.successResultOf(d)
+        self.assertLessEqual(len(self.store._link._watched), 1)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        self.decisions.clear()
+
     def test_error_reply_is_a_storage_error(self) -> None:
         server = self.connected()
         d = self.decide("k")

@@ -12,7 +12,9 @@ logger, under its own label.
 from __future__ import annotations
 
 import ipaddress
+import math
 import random
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
@@ -99,6 +101,33 @@ class RedisAddress:
         return endpoint
 
 
+class RedisCommand:
+    """A command sent with :meth:`RedisLink.send` and watched by :meth:`RedisLink.watch`.
+
+    Exactly one outcome runs, and only while ``done`` is false:
+    :meth:`answered` with the reply (a value, or a ``txredisapi.ResponseError``
+    for an error reply), :meth:`failed` when the connection went away before
+    the reply, :meth:`timed_out` when the deadline passed first.  Subclasses
+    make ``done`` true when they resolve.  This is the stores' hot path: no
+    Deferred, queue or timer of its own per command (txredisapi's
+    ``execute_command`` costs three Deferreds and, with the caller's timer,
+    a ``callLater`` per command).
+    """
+
+    __slots__ = ("deadline",)
+
+    done: bool
+    deadline: float
+
+    def answered(self, reply: object) -> None:
+        raise NotImplementedError
+
+    def failed(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def timed_out(self) -> None:
+        raise NotImplementedError
+
 
 class RedisConnection(txredisapi.BaseRedisProtocol):
     """txredisapi's protocol, telling its link when it goes away.
@@ -110,6 +139,13 @@ class RedisConnection(txredisapi.BaseRedisProtocol):
     register/unregister per command); replies are read by
     :class:`txgateway.resp.ReplyReader` (one pass per read instead of a
     buffer copy per line and a reactor turn per bulk string).
+
+    The stores' commands go out with :meth:`send` and their replies straight
+    to their :class:`RedisCommand`; txredisapi's own (AUTH, SELECT, anything
+    sent with ``execute_command``) still get theirs through its queue.  One
+    list of receivers, in the order the commands went out, keeps the two in
+    step (txredisapi's pipelining mode, which holds commands back, is never
+    used).
     """
 
     link: RedisLink
@@ -118,9 +154,31 @@ class RedisConnection(txredisapi.BaseRedisProtocol):
     quiet_since = 0.0
 
     _reader: ReplyReader | None = None
+    #: Who gets each coming reply, in order: a RedisCommand, or None for txredisapi's queue.
+    _receivers: deque[RedisCommand | None]
 
     def makeConnection(self, transport: Any) -> None:
+        self._receivers = deque()
         super().makeConnection(_WritesSoon(transport))
+
+    def send(self, command: RedisCommand, args: tuple[object, ...]) -> None:
+        """Write one command whose reply goes to ``command``; raises when the connection is gone."""
+        if not self.connected:
+            raise ConnectionError("Not connected")
+        self.transport.write(self._build_command(*args))
+        self._receivers.append(command)
+        self._sent()
+
+    def execute_command(self, *args: object, **kwargs: object) -> Deferred[Any]:
+        result: Deferred[Any] = super().execute_command(*args, **kwargs)
+        self._receivers.append(None)
+        self._sent()
+        return result
+
+    def _sent(self) -> None:
+        if self.outstanding == 0:
+            self.quiet_since = self.link.clock.seconds()
+        self.outstanding += 1
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
         """Replies read by :class:`~txgateway.resp.ReplyReader`, handed to txredisapi's queue."""
@@ -131,11 +189,23 @@ class RedisConnection(txredisapi.BaseRedisProtocol):
             replies = reader.feed(data)
         except ProtocolError as error:
             self.link.log.warn(
-                "Redis at {url} sent an invalid reply ({error}); reconnecting", url=self.link.address.display, error=error
+                "Redis at {url} sent an invalid reply ({error}); reconnecting",
+                url=self.link.address.display,
+                error=error,
             )
             self.transport.abortConnection()
             return
+        if not replies:
+            return
+        self.outstanding = max(0, self.outstanding - len(replies))
+        self.quiet_since = self.link.clock.seconds()
+        receivers = self._receivers
         for reply in replies:
+            receiver = receivers.popleft() if receivers else None
+            if receiver is not None:
+                if not receiver.done:
+                    receiver.answered(reply)
+                continue
             if reply is None or type(reply) is list:
                 reply = self.handleTransactionData(reply)  # as txredisapi does for arrays
             elif reply == "QUEUED":
@@ -161,7 +231,11 @@ class RedisConnection(txredisapi.BaseRedisProtocol):
         return b"".join(parts)
 
     def connectionLost(self, why: Failure) -> None:
+        receivers, self._receivers = self._receivers, deque()
         super().connectionLost(why)
+        for receiver in receivers:
+            if receiver is not None and not receiver.done:
+                receiver.failed("connection lost")
         self.link._lost(self)
 
 
@@ -195,9 +269,7 @@ class _ConnectionFactory(Factory):
     def buildProtocol(self, addr: object) -> RedisConnection:
         address = self.address
         options: dict[str, Any] = {"charset": None, "convertNumbers": False} if self.binary else {"charset": "utf-8"}
-        protocol = RedisConnection(
-            password=address.password, dbid=address.db, username=address.username, **options
-        )
+        protocol = RedisConnection(password=address.password, dbid=address.db, username=address.username, **options)
         protocol.factory = self
         protocol.link = self.link
         # txredisapi reaches for the global reactor; use the injected clock.
@@ -262,6 +334,11 @@ class RedisLink:
         #: Outage bookkeeping: when it started (None: no outage), failures since.
         self._outage_since: float | None = None
         self._outage_failures = 0
+        #: Commands watched for their deadline (``watch``), oldest first, and the one timer.
+        self._watched: deque[RedisCommand] = deque()
+        self._timer: IDelayedCall | None = None
+        #: The longest timeout watched: a connection silent for 10x it is wedged.
+        self._longest_timeout = 0.0
         when_running = getattr(reactor, "callWhenRunning", None)
         if when_running is not None:
             when_running(self._connect)
@@ -270,31 +347,69 @@ class RedisLink:
 
     # Commands.
 
-    def execute(self, connection: RedisConnection, *args: object) -> Deferred[object]:
-        """Send one command on ``connection``, keeping the frozen-server bookkeeping.
+    def send(self, connection: RedisConnection, command: RedisCommand, *args: object) -> None:
+        """Send ``args`` on ``connection``; the reply goes to ``command``.  Raises when the
+        connection just went away."""
+        connection.send(command, args)
 
-        Raises when txredisapi refuses at once (the connection just went away).
+    def watch(self, command: RedisCommand, timeout: float) -> None:
+        """Time ``command`` out (``timed_out()``) unless it is done within ``timeout`` seconds.
+
+        One timer for all the commands in flight, at the earliest deadline and
+        re-armed when it fires, rather than a ``callLater`` and a ``cancel``
+        per command: commands are answered in order, so under load it fires
+        about once per ``timeout``.
         """
-        sent: Deferred[object] = connection.execute_command(*args)
-        if connection.outstanding == 0:
-            connection.quiet_since = self.clock.seconds()
-        connection.outstanding += 1
+        deadline = self.clock.seconds() + timeout
+        command.deadline = deadline
+        watched = self._watched
+        while watched and watched[0].done:
+            watched.popleft()
+        watched.append(command)
+        if timeout > self._longest_timeout:
+            self._longest_timeout = timeout
+        self._arm(deadline)
 
-        def answered(result: object) -> object:
-            if connection.outstanding > 0:
-                connection.outstanding -= 1
-            connection.quiet_since = self.clock.seconds()
-            return result
+    def _arm(self, deadline: float) -> None:
+        timer = self._timer
+        if self.stopped:
+            return
+        if timer is None:
+            self._timer = self.clock.callLater(max(0.0, deadline - self.clock.seconds()), self._expire)
+        elif deadline < timer.getTime():
+            timer.reset(max(0.0, deadline - self.clock.seconds()))
 
-        return sent.addBoth(answered)
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        watched, self._watched = self._watched, deque()
+        kept: deque[RedisCommand] = deque()
+        expired = False
+        earliest = math.inf
+        for command in watched:
+            if command.done:
+                continue
+            if command.deadline <= now:
+                expired = True
+                command.timed_out()  # may send or watch more: they go to the new list
+            else:
+                kept.append(command)
+                earliest = min(earliest, command.deadline)
+        if kept:
+            kept.extend(self._watched)
+            self._watched = kept
+            self._arm(earliest)
+        if expired:
+            self._check_wedged()
 
-    def check_wedged(self, connection: RedisConnection | None, timeout: float) -> None:
-        """Abort the connection when its commands went unanswered for long: the server is frozen."""
+    def _check_wedged(self) -> None:
+        """Abort the connection when its commands went unanswered for ``max(1 s, 10 x`` the
+        longest timeout): the server is frozen."""
         current = self.connection
-        if current is None or (connection is not None and connection is not current) or current.outstanding == 0:
+        if current is None or current.outstanding == 0:
             return
         silent = self.clock.seconds() - current.quiet_since
-        if silent >= max(1.0, 10 * timeout):
+        if silent >= max(1.0, 10 * self._longest_timeout):
             self.log.warn(self._wedged_format, url=self.address.display, seconds=silent)
             current.transport.abortConnection()
 
@@ -394,6 +509,10 @@ class RedisLink:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
         if self._attempt is not None:
             self._attempt.cancel()
             self._attempt = None

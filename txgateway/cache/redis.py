@@ -35,10 +35,11 @@ from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from txredisapi import ResponseError
 
 from txgateway.cache.entry import Entry, Headers, PrimaryKey
 from txgateway.cache.policy import vary_values
-from txgateway.redis import RedisLink
+from txgateway.redis import RedisCommand, RedisLink
 
 #: Every key the cache writes starts with this.
 KEY_PREFIX = b"txgateway:cache:"
@@ -109,6 +110,35 @@ def decode_index(blob: bytes) -> tuple[bytes, ...] | None:
 
 class StorageUnavailable(Exception):
     """Redis could not answer a command (down, slow, refused)."""
+
+
+class _Command(RedisCommand):
+    """One cache command in flight; its reply, or StorageUnavailable, goes to ``result``."""
+
+    __slots__ = ("link", "result")
+
+    def __init__(self, link: RedisLink) -> None:
+        self.link = link
+        self.result: Deferred[object] = Deferred()
+
+    @property
+    def done(self) -> bool:  # type: ignore[override]
+        return self.result.called
+
+    def answered(self, reply: object) -> None:
+        if isinstance(reply, ResponseError):
+            self.failed(str(reply) or repr(reply))
+            return
+        self.link.succeeded()
+        self.result.callback(reply)
+
+    def failed(self, reason: str) -> None:
+        self.link.failed(reason)
+        self.result.errback(StorageUnavailable(reason))
+
+    def timed_out(self) -> None:
+        self.link.failed("no answer within the timeout")
+        self.result.errback(StorageUnavailable("Redis did not answer in time"))
 
 
 class RedisStore:
@@ -200,38 +230,14 @@ class RedisStore:
             if link.down or link.stopped:
                 link.failed("not connected")
             return _unavailable("Redis is not connected")
-        result: Deferred[object] = Deferred()
-
-        def timed_out() -> None:
-            if not result.called:
-                link.failed("no answer within the timeout")
-                result.errback(StorageUnavailable("Redis did not answer in time"))
-                link.check_wedged(connection, self.timeout)
-
-        timer = self._clock.callLater(self.timeout, timed_out)
+        command = _Command(link)
         try:
-            sent = link.execute(connection, *args)
-        except Exception as error:  # noqa: BLE001 - txredisapi raises when the connection just went away
-            timer.cancel()
+            link.send(connection, command, *args)
+        except Exception as error:  # noqa: BLE001 - the connection just went away
             link.failed(f"{type(error).__name__}: {error}")
             return _unavailable(str(error))
-
-        def answered(reply: object) -> None:
-            if result.called:
-                return
-            timer.cancel()
-            link.succeeded()
-            result.callback(reply)
-
-        def refused(failure: Failure) -> None:
-            if result.called:
-                return
-            timer.cancel()
-            link.failed(failure.getErrorMessage() or repr(failure.value))
-            result.errback(StorageUnavailable(failure.getErrorMessage()))
-
-        sent.addCallbacks(answered, refused)
-        return result
+        link.watch(command, self.timeout)
+        return command.result
 
     def stop(self) -> Deferred[None]:
         """Close the connection and stop reconnecting; fires once the socket is closed."""

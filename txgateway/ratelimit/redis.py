@@ -34,12 +34,11 @@ from typing import Any
 
 import txredisapi
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from txgateway.ratelimit.decision import Algorithm, Decision, StorageError
-from txgateway.redis import RedisAddress, RedisConnection, RedisLink
+from txgateway.redis import RedisAddress, RedisCommand, RedisConnection, RedisLink
 
 __all__ = ["KEY_PREFIX", "SCRIPTS", "RedisAddress", "RedisStore", "Script"]
 
@@ -146,73 +145,65 @@ class Script:
 
 SCRIPTS = {"token_bucket": Script(TOKEN_BUCKET_LUA), "sliding_window": Script(SLIDING_WINDOW_LUA)}
 
-class _Call:
-    """One decision in flight: sent (or waiting for the first connection), timer running."""
 
-    __slots__ = ("arguments", "key", "result", "script", "store", "timer")
+class _Call(RedisCommand):
+    """One decision in flight: sent (or waiting for the first connection), watched by the link."""
 
-    def __init__(self, store: RedisStore, script: Script, key: str, arguments: tuple[int, ...], timeout: float) -> None:
+    __slots__ = ("arguments", "evaluated", "key", "result", "script", "store")
+
+    def __init__(self, store: RedisStore, script: Script, key: str, arguments: tuple[int, ...]) -> None:
         self.store = store
         self.script = script
         self.key = key
         self.arguments = arguments
         self.result: Deferred[Decision] = Deferred()
-        self.timer: IDelayedCall = store._clock.callLater(timeout, self.time_out)
+        #: Sent as EVAL (the script's source) after a NOSCRIPT.
+        self.evaluated = False
 
     @property
-    def done(self) -> bool:
+    def done(self) -> bool:  # type: ignore[override]
         return self.result.called
 
-    def send(self, connection: RedisConnection, command: str = "EVALSHA") -> None:
-        body = self.script.sha if command == "EVALSHA" else self.script.source
+    def send(self, connection: RedisConnection) -> None:
+        script = self.script
         try:
-            sent = self.store._link.execute(connection, command, body, 1, self.key, *self.arguments)
-        except Exception as error:  # noqa: BLE001 - txredisapi raises when the connection just went away
+            if self.evaluated:
+                self.store._link.send(connection, self, "EVAL", script.source, 1, self.key, *self.arguments)
+            else:
+                self.store._link.send(connection, self, "EVALSHA", script.sha, 1, self.key, *self.arguments)
+        except Exception as error:  # noqa: BLE001 - the connection just went away
             self.fail(f"{type(error).__name__}: {error}")
-            return
-        sent.addCallbacks(self.answered, self.refused, errbackArgs=(connection, command))
 
     def answered(self, reply: object) -> None:
-        store = self.store
-        if self.done:
+        if type(reply) is list and len(reply) == 4 and all(type(n) is int for n in reply):
+            self.store._link.succeeded()
+            self.result.callback(Decision(reply[0] == 1, reply[1], reply[2], reply[3]))
             return
-        if not (isinstance(reply, list) and len(reply) == 4 and all(isinstance(n, int) for n in reply)):
-            self.fail(f"unexpected reply {reply!r}")
+        if isinstance(reply, txredisapi.ResponseError):
+            message = str(reply)
+            if message.startswith("NOSCRIPT") and not self.evaluated:
+                # Redis restarted or its scripts were flushed: EVAL caches it again.
+                connection = self.store._link.connection
+                if connection is not None:
+                    self.evaluated = True
+                    self.send(connection)
+                    return
+            self.fail(message or repr(reply))
             return
-        decision = Decision(reply[0] == 1, reply[1], reply[2], reply[3])
-        self.timer.cancel()
-        store._link.succeeded()
-        self.result.callback(decision)
+        self.fail(f"unexpected reply {reply!r}")
 
-    def refused(self, failure: Failure, connection: RedisConnection, command: str) -> None:
-        if self.done:
-            return
-        if command == "EVALSHA" and _no_script(failure) and connection.connected:
-            self.send(connection, "EVAL")
-            return
-        self.fail(failure.getErrorMessage() or repr(failure.value))
+    def failed(self, reason: str) -> None:
+        self.fail(reason)
 
     def fail(self, reason: str) -> None:
         if self.done:
             return
-        if self.timer.active():
-            self.timer.cancel()
         self.store._link.failed(reason)
         self.result.errback(StorageError(reason))
 
-    def time_out(self) -> None:
-        if self.done:
-            return
-        store = self.store
-        store._link.failed("no answer within the timeout")
+    def timed_out(self) -> None:
+        self.store._link.failed("no answer within the timeout")
         self.result.errback(StorageError("Redis did not answer in time"))
-        store._link.check_wedged(None, store._longest_timeout)
-
-
-def _no_script(failure: Failure) -> bool:
-    if failure.check(txredisapi.ScriptDoesNotExist):
-        return True
-    return bool(failure.check(txredisapi.ResponseError)) and str(failure.value).startswith("NOSCRIPT")
 
 
 class RedisStore:
@@ -227,8 +218,6 @@ class RedisStore:
         """
         #: Decisions waiting for the very first connection.
         self._waiting: list[_Call] = []
-        #: The largest decision timeout asked for: a connection silent for 10x it is wedged.
-        self._longest_timeout = 0.0
         self._link = RedisLink(
             url,
             reactor,
@@ -254,9 +243,8 @@ class RedisStore:
         if connection is None and (link.down or link.stopped):
             link.failed("not connected")
             return fail(StorageError("Redis is not connected"))
-        if timeout > self._longest_timeout:
-            self._longest_timeout = timeout
-        call = _Call(self, SCRIPTS[algorithm.name], KEY_PREFIX + key, algorithm.arguments, timeout)
+        call = _Call(self, SCRIPTS[algorithm.name], KEY_PREFIX + key, algorithm.arguments)
+        link.watch(call, timeout)
         if connection is None:
             self._waiting.append(call)
         else:
