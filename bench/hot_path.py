@@ -16,12 +16,14 @@ hot path, which bench/suite.py is not.
     .venv/bin/python bench/hot_path.py                 # plain route
     .venv/bin/python bench/hot_path.py --pipeline      # JWT + rate limit + breaker + access log
     .venv/bin/python bench/hot_path.py --profile       # cProfile, top functions
+    .venv/bin/python bench/hot_path.py --routes 10000  # row 4: requests spread over 10,000 routes
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
 import sys
@@ -77,10 +79,22 @@ def token() -> str:
     return jwt.encode({"sub": "bench", "exp": 4102444800}, SECRET, algorithm="HS256")
 
 
+def many_routes(count: int) -> tuple[str, list[str]]:
+    """Row 4's table (bench/servers.py's four shapes) as config text, and a path for each route."""
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after site-packages: bench/h2.py stays hidden
+    import servers
+
+    routes, paths = servers.many_routes(count)
+    for route in routes:
+        route["upstream"] = "up"
+    text = PLAIN.split("routes:")[0] + "routes: " + json.dumps(routes) + "\n"
+    return text, paths
+
+
 class Wire:
     """The gateway between one client connection and one upstream connection, in memory."""
 
-    def __init__(self, config_text: str, headers: bytes) -> None:
+    def __init__(self, config_text: str, headers: bytes, paths: list[str] | None = None) -> None:
         self.reactor = MemoryReactorClock()
         config = parse_config(config_text)
         runtime = Runtime(self.reactor)
@@ -95,13 +109,18 @@ class Wire:
         self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
         assert self.protocol is not None
         self.protocol.makeConnection(self.client)
-        self.request = b"GET /bench HTTP/1.1\r\nHost: gateway\r\nUser-Agent: wrk\r\n" + headers + b"\r\n"
+        head = b" HTTP/1.1\r\nHost: gateway\r\nUser-Agent: wrk\r\n" + headers + b"\r\n"
+        #: The requests, visited with the same stride as bench/load.py's wrk paths script.
+        self.requests = [b"GET " + path.encode() + head for path in paths or ["/bench"]]
+        self.next = 0
         self.upstream: Any = None
         self.upstream_transport = StringTransport()
         self.one()  # opens the upstream connection
 
     def one(self) -> None:
-        self.protocol.dataReceived(self.request)
+        requests = self.requests
+        self.protocol.dataReceived(requests[self.next])
+        self.next = (self.next + 7919) % len(requests)
         if self.upstream is None:
             _, _, factory, _, _ = self.reactor.tcpClients[-1]
             self.upstream = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8001))
@@ -131,6 +150,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--routes", type=int, default=0, help="row 4: this many routes, requests spread over all")
     args = parser.parse_args()
     headers = b""
     with tempfile.TemporaryDirectory() as directory:
@@ -139,19 +159,25 @@ def main() -> None:
             headers = b"Authorization: Bearer " + token().encode() + b"\r\n"
         else:
             text = PLAIN
-        wire = Wire(text, headers)
+        paths = None
+        if args.routes:
+            if args.pipeline:
+                raise SystemExit("--routes is for the plain route only")
+            text, paths = many_routes(args.routes)
+        wire = Wire(text, headers, paths)
         wire.run(args.warmup)
         if args.profile:
             profile = cProfile.Profile()
             profile.enable()
             wire.run(args.requests)
             profile.disable()
-            pstats.Stats(profile).sort_stats(os.environ.get("SORT","tottime")).print_stats(int(os.environ.get("TOP","35")))
+            top = int(os.environ.get("TOP", "35"))
+            pstats.Stats(profile).sort_stats(os.environ.get("SORT", "tottime")).print_stats(top)
             return
         results = [wire.run(args.requests) for _ in range(args.rounds)]
     best = min(results)
     print(
-        f"{'pipeline' if args.pipeline else 'plain'}: best {best * 1e6:.1f} µs/request "
+        f"{'pipeline' if args.pipeline else 'plain'}{f', {args.routes:,} routes' if args.routes else ''}: best {best * 1e6:.1f} µs/request "
         f"(rounds: {', '.join(f'{r * 1e6:.1f}' for r in results)}), "
         f"{1 / best:,.0f} requests/s of Python per core without system calls"
     )

@@ -574,6 +574,18 @@ class PipelineMetricsTests(MetricsTestCase):
         self.assertEqual([r["upstream_ms"] for r in records], [0.0, 0.0])
 
 
+    def test_routes_to_one_upstream_share_its_duration_series(self) -> None:
+        # Two routes (two forwarders) to the same upstream instance: one
+        # series, one batched wrapper behind it, both routes' tries in it.
+        self.get("/users/1")
+        self.get("/files/a")
+        labels = {"upstream": "users", "address": "10.0.0.1:9000"}
+        self.assertEqual(self.value("txgateway_upstream_request_duration_seconds_count", **labels), 2)
+        child = self.metrics.upstream_duration.labels("users", "10.0.0.1:9000")
+        self.assertIs(self.metrics.batched_histogram(child), self.metrics.batched_histogram(child))
+        other = self.metrics.upstream_duration.labels("users", "10.0.0.9:9000")
+        self.assertIsNot(self.metrics.batched_histogram(other), self.metrics.batched_histogram(child))
+
 class MiddleRandom(random.Random):
     """Jitter in the middle: checks exactly every ``interval``, the first after half of it."""
 

@@ -51,6 +51,8 @@ class GatewayMetrics:
         r = self.registry
         #: Batched children with updates not yet in their metric (see ``flush``).
         self._dirty: list[_Batched] = []
+        #: The batched wrapper of each child (see ``batched_counter``).
+        self._batched: dict[Any, _Batched] = {}
         # Registered before the metrics, so collected before them: every
         # collection (a scrape, the dashboard, a test's get_sample_value) flushes.
         r.register(_FlushFirst(self))
@@ -258,14 +260,32 @@ class GatewayMetrics:
     # registry (a scrape, the dashboard, a test), or every second with
     # workers (multiprocess mode, where other processes read the files).
 
+    #
+    # One batched wrapper per child, whoever asks: every route's forwarder
+    # asks for its upstream's duration child, and 10,000 routes must share one
+    # wrapper (one place a request touches, one thing to flush) rather than
+    # hold 10,000 copies.
+
     def batched_counter(self, child: Any) -> BatchedCounter:
-        return BatchedCounter(child, self._dirty)
+        batched = self._batched.get(child)
+        if batched is None:
+            batched = self._batched[child] = BatchedCounter(child, self._dirty)
+        assert isinstance(batched, BatchedCounter)
+        return batched
 
     def batched_gauge(self, child: Any) -> BatchedGauge:
-        return BatchedGauge(child, self._dirty)
+        batched = self._batched.get(child)
+        if batched is None:
+            batched = self._batched[child] = BatchedGauge(child, self._dirty)
+        assert isinstance(batched, BatchedGauge)
+        return batched
 
     def batched_histogram(self, child: Any) -> BatchedHistogram:
-        return BatchedHistogram(child, self._dirty)
+        batched = self._batched.get(child)
+        if batched is None:
+            batched = self._batched[child] = BatchedHistogram(child, self._dirty)
+        assert isinstance(batched, BatchedHistogram)
+        return batched
 
     def flush(self) -> None:
         """Apply every batched update to its metric."""
@@ -391,6 +411,10 @@ class BatchedGauge(_Batched):
             self._child.inc(delta)
 
 
+#: Interned bucket bounds of the batched histograms.
+_BOUNDS: dict[tuple[float, ...], tuple[float, ...]] = {}
+
+
 class BatchedHistogram(_Batched):
     """A histogram child's observations, counted per bucket and applied at the next flush."""
 
@@ -398,7 +422,9 @@ class BatchedHistogram(_Batched):
 
     def __init__(self, child: Any, dirty: list[_Batched]) -> None:
         super().__init__(child, dirty)
-        self._bounds: list[float] = list(child._upper_bounds)
+        bounds = tuple(child._upper_bounds)
+        #: The same bounds object for every child of a histogram (all share them).
+        self._bounds = _BOUNDS.setdefault(bounds, bounds)
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
 
