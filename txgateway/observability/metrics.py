@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -267,24 +267,19 @@ class GatewayMetrics:
     # hold 10,000 copies.
 
     def batched_counter(self, child: Any) -> BatchedCounter:
-        batched = self._batched.get(child)
-        if batched is None:
-            batched = self._batched[child] = BatchedCounter(child, self._dirty)
-        assert isinstance(batched, BatchedCounter)
-        return batched
+        return self._batched_wrapper(child, BatchedCounter)
 
     def batched_gauge(self, child: Any) -> BatchedGauge:
-        batched = self._batched.get(child)
-        if batched is None:
-            batched = self._batched[child] = BatchedGauge(child, self._dirty)
-        assert isinstance(batched, BatchedGauge)
-        return batched
+        return self._batched_wrapper(child, BatchedGauge)
 
     def batched_histogram(self, child: Any) -> BatchedHistogram:
+        return self._batched_wrapper(child, BatchedHistogram)
+
+    def _batched_wrapper(self, child: Any, kind: type[_B]) -> _B:
         batched = self._batched.get(child)
         if batched is None:
-            batched = self._batched[child] = BatchedHistogram(child, self._dirty)
-        assert isinstance(batched, BatchedHistogram)
+            batched = self._batched[child] = kind(child, self._dirty)
+        assert isinstance(batched, kind)
         return batched
 
     def flush(self) -> None:
@@ -362,6 +357,9 @@ class _Batched:
 
     def flush(self) -> None:
         raise NotImplementedError
+
+
+_B = TypeVar("_B", bound=_Batched)
 
 
 class BatchedCounter(_Batched):

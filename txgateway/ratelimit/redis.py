@@ -172,7 +172,7 @@ class _Call(RedisCommand):
             else:
                 self.store._link.send(connection, self, "EVALSHA", script.sha, 1, self.key, *self.arguments)
         except Exception as error:  # noqa: BLE001 - the connection just went away
-            self.fail(f"{type(error).__name__}: {error}")
+            self.failed(f"{type(error).__name__}: {error}")
 
     def answered(self, reply: object) -> None:
         if type(reply) is list and len(reply) == 4 and all(type(n) is int for n in reply):
@@ -188,14 +188,11 @@ class _Call(RedisCommand):
                     self.evaluated = True
                     self.send(connection)
                     return
-            self.fail(message or repr(reply))
+            self.failed(message or repr(reply))
             return
-        self.fail(f"unexpected reply {reply!r}")
+        self.failed(f"unexpected reply {reply!r}")
 
     def failed(self, reason: str) -> None:
-        self.fail(reason)
-
-    def fail(self, reason: str) -> None:
         if self.done:
             return
         self.store._link.failed(reason)
@@ -260,12 +257,12 @@ class RedisStore:
     def _down(self, reason: str) -> None:
         waiting, self._waiting = self._waiting, []
         for call in waiting:
-            call.fail(reason)
+            call.failed(reason)
 
     def stop(self) -> Deferred[None]:
         """Close the connection and stop reconnecting; fires once the socket is closed."""
         stopped = self._link.stop()
         waiting, self._waiting = self._waiting, []
         for call in waiting:
-            call.fail("the Redis store is stopped")
+            call.failed("the Redis store is stopped")
         return stopped
