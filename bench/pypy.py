@@ -26,7 +26,6 @@ read at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -160,11 +159,16 @@ def main() -> int:
                 url = f"http://127.0.0.1:{listen}{REQUEST_PATH}"
                 proxy.wait_until_ok(server, url)
                 lines.append(Line(label, url, [server.proc.pid] if server.proc else []))
-            for label, twistd, pythonpath in [
-                ("CPython, txgateway plain", str(proxy.twistd_path()), None),
-                ("PyPy, txgateway plain (3.9 port)", str(pypy_python.parent / "twistd"), str(port)),
+            for label, name, twistd in [
+                ("CPython, txgateway plain", "cpython-gateway", [str(proxy.twistd_path())]),
+                (
+                    "PyPy, txgateway plain (3.9 port)",
+                    "pypy-gateway",
+                    ["env", f"PYTHONPATH={port}", str(pypy_python.parent / "twistd")],
+                ),
             ]:
-                gateway = start_gateway(workdir, twistd, pythonpath, upstream_port, pins.proxy)
+                config = servers.gateway_config(0, 0, upstream_port)
+                gateway = servers.start_gateway(workdir, name, config, pins.proxy, twistd=twistd)
                 started.append(gateway.server)
                 lines.append(Line(label, gateway.url(REQUEST_PATH), [gateway.pid]))
             for line in lines:
@@ -183,28 +187,6 @@ def main() -> int:
             for server in reversed(started):
                 server.stop()
     return 0
-
-
-def start_gateway(workdir: Path, twistd: str, pythonpath: str | None, upstream_port: int, cpu: str) -> servers.Gateway:
-    """servers.start_gateway with the interpreter's own twistd (and the 3.9 port first on the path)."""
-    config = servers.gateway_config(0, 0, upstream_port)
-    port, admin_port = free_port(), free_port()
-    config["server"] = {**config["server"], "listen_addr": f"127.0.0.1:{port}"}  # type: ignore[dict-item]
-    config["admin"] = {"listen_addr": f"127.0.0.1:{admin_port}"}
-    name = "pypy-gateway" if pythonpath else "cpython-gateway"
-    path = workdir / f"{name}.yaml"
-    path.write_text(json.dumps(config) + "\n")
-    argv = [twistd, "--pidfile=", "-n", "txgateway", "-c", str(path)]
-    if pythonpath:
-        argv = ["env", f"PYTHONPATH={pythonpath}", *argv]
-    server = ServerProcess(name, Pinning.wrap(cpu, argv), workdir)
-    server.start()
-    try:
-        proxy.wait_until_ok(server, f"http://127.0.0.1:{admin_port}/ready")
-    except BaseException:
-        server.stop()
-        raise
-    return servers.Gateway(server, port, admin_port, path)
 
 
 if __name__ == "__main__":

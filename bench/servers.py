@@ -26,7 +26,7 @@ import json
 import shutil
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,9 +234,17 @@ def many_routes(count: int) -> tuple[list[dict[str, object]], list[str]]:
 
 
 def start_gateway(
-    workdir: Path, name: str, config: dict[str, object], cpu: str, timeout: float = proxy.START_TIMEOUT
+    workdir: Path,
+    name: str,
+    config: dict[str, object],
+    cpu: str,
+    timeout: float = proxy.START_TIMEOUT,
+    twistd: Sequence[str] = (),
 ) -> Gateway:
-    """Write *config* (whose listen addresses it fills in) and run the gateway until ``/ready``."""
+    """Write *config* (whose listen addresses it fills in) and run the gateway until ``/ready``.
+
+    *twistd*: the command that runs twistd (default: the venv's), e.g. another interpreter's.
+    """
     port, admin_port = free_port(), free_port()
     server_block = config["server"]
     admin_block = config["admin"]
@@ -245,7 +253,7 @@ def start_gateway(
     admin_block["listen_addr"] = f"{LOCALHOST}:{admin_port}"
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(config) + "\n")
-    argv = [str(proxy.twistd_path()), "--pidfile=", "-n", "txgateway", "-c", str(path)]
+    argv = [*(twistd or [str(proxy.twistd_path())]), "--pidfile=", "-n", "txgateway", "-c", str(path)]
     server = ServerProcess(name, Pinning.wrap(cpu, argv), workdir)
     server.start()
     try:
