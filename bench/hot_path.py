@@ -17,6 +17,11 @@ hot path, which bench/suite.py is not.
     .venv/bin/python bench/hot_path.py --pipeline      # JWT + rate limit + breaker + access log
     .venv/bin/python bench/hot_path.py --profile       # cProfile, top functions
     .venv/bin/python bench/hot_path.py --routes 10000  # row 4: requests spread over 10,000 routes
+    .venv/bin/python bench/hot_path.py --redis         # row 3: the pipeline, rate limit in "Redis"
+
+``--redis`` answers the limiter's commands on an in-memory Redis connection
+with a canned script reply: what it measures is the gateway's side of a
+Redis decision (command, reply parsing, the request resumed from the reply).
 """
 
 from __future__ import annotations
@@ -72,6 +77,28 @@ routes:
   - {name: all, match: {path: /*}, upstream: up, auth: required, rate_limit: {requests_per_minute: 100000000, burst_size: 100000000}}
 """
 
+REDIS_PIPELINE = """
+observability: {access_log: {enabled: true, format: json, path: "%(log)s"}}
+middleware:
+  auth: {jwt_secret: "%(secret)s"}
+  rate_limit:
+    requests_per_minute: 100000000
+    burst_size: 100000000
+    key: consumer
+    storage: redis
+    redis: {url: "redis://127.0.0.1:6390", timeout: 1.0}
+    on_storage_error: deny
+upstreams:
+  up:
+    servers: [{address: "127.0.0.1:8001"}]
+    pool: {max_connections_per_host: 4}
+    circuit_breaker: {failure_threshold: 5, recovery_timeout: 30}
+routes:
+  - {name: all, match: {path: /*}, upstream: up, auth: required}
+"""
+#: The token bucket script's answer: allowed, remaining, reset, retry-after.
+SCRIPT_REPLY = b"*4\r\n:1\r\n:99999999\r\n:1\r\n:0\r\n"
+
 
 def token() -> str:
     import jwt
@@ -104,6 +131,13 @@ class Wire:
             return clients.setdefault(upstream.name, HTTP11Client(self.reactor, upstream.pool))
 
         self.gateway = Gateway(config, client_for, runtime)
+        self.redis: Any = None
+        self.redis_transport = StringTransport()
+        self.reactor.run()  # the Redis store connects once the reactor runs
+        for host, port, redis_factory, _, _ in self.reactor.tcpClients:
+            if port == 6390:
+                self.redis = redis_factory.buildProtocol(IPv4Address("TCP", host, port))
+                self.redis.makeConnection(self.redis_transport)
         factory = GatewayServerFactory(lambda: self.gateway, self.reactor)
         self.client = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
         self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
@@ -121,6 +155,12 @@ class Wire:
         requests = self.requests
         self.protocol.dataReceived(requests[self.next])
         self.next = (self.next + 7919) % len(requests)
+        if self.redis is not None:
+            sent = self.redis_transport.value()
+            if not sent.startswith(b"*6\r\n$7\r\nEVALSHA"):
+                raise SystemExit(f"expected one EVALSHA, the store sent {sent[:200]!r}")
+            self.redis_transport.clear()
+            self.redis.dataReceived(SCRIPT_REPLY)
         if self.upstream is None:
             _, _, factory, _, _ = self.reactor.tcpClients[-1]
             self.upstream = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8001))
@@ -151,11 +191,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--routes", type=int, default=0, help="row 4: this many routes, requests spread over all")
+    parser.add_argument("--redis", action="store_true", help="row 3: --pipeline with the rate limit in Redis")
     args = parser.parse_args()
     headers = b""
     with tempfile.TemporaryDirectory() as directory:
-        if args.pipeline:
-            text = PIPELINE % {"log": os.path.join(directory, "access.log"), "secret": SECRET}
+        if args.pipeline or args.redis:
+            template = REDIS_PIPELINE if args.redis else PIPELINE
+            text = template % {"log": os.path.join(directory, "access.log"), "secret": SECRET}
             headers = b"Authorization: Bearer " + token().encode() + b"\r\n"
         else:
             text = PLAIN
@@ -177,7 +219,7 @@ def main() -> None:
         results = [wire.run(args.requests) for _ in range(args.rounds)]
     best = min(results)
     print(
-        f"{'pipeline' if args.pipeline else 'plain'}{f', {args.routes:,} routes' if args.routes else ''}: best {best * 1e6:.1f} µs/request "
+        f"{'pipeline, Redis' if args.redis else 'pipeline' if args.pipeline else 'plain'}{f', {args.routes:,} routes' if args.routes else ''}: best {best * 1e6:.1f} µs/request "
         f"(rounds: {', '.join(f'{r * 1e6:.1f}' for r in results)}), "
         f"{1 / best:,.0f} requests/s of Python per core without system calls"
     )

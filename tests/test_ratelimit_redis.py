@@ -138,6 +138,21 @@ class RedisStoreTests(SynchronousTestCase):
         server.reply(ALLOWED)
         self.assertEqual(self.successResultOf(d), Decision(True, 4, 1, 0))
 
+    def test_evalsha_is_the_command_txredisapi_would_send(self) -> None:
+        # The EVALSHA is assembled from parts encoded once per policy: the
+        # same bytes as encoding the whole command, whatever the key holds.
+        server = self.connected()
+        connection = self.store._link.connection
+        assert connection is not None
+        for key in ("k", "ключ:🔑", "x" * 300):
+            self.decide(key)
+            sent = server.transport.value() if server.transport is not None else b""
+            server.transport.clear()  # type: ignore[union-attr]
+            expected = connection._build_command(
+                "EVALSHA", SCRIPTS["token_bucket"].sha, 1, KEY_PREFIX + key, *BUCKET.arguments
+            )
+            self.assertEqual(sent, expected)
+
     def test_sliding_window_script_and_arguments(self) -> None:
         server = self.connected()
         d = self.decide("k", SlidingWindow(100))

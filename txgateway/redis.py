@@ -15,7 +15,7 @@ import ipaddress
 import math
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
@@ -101,6 +101,38 @@ class RedisAddress:
         return endpoint
 
 
+def bulk_strings(
+    args: Iterable[object],
+    charset: str = "utf-8",
+    errors: str = "strict",
+    other: Callable[[object], bytes] | None = None,
+) -> bytes:
+    """``args`` as RESP bulk strings, without the array header: bytes as they
+    are, str in ``charset``, int in decimal (not bool: txredisapi sends True
+    as "True"); anything else through ``other`` (txredisapi's encoding)."""
+    parts = []
+    for arg in args:
+        kind = type(arg)
+        data: bytes
+        if kind is bytes:
+            data = cast(bytes, arg)
+        elif kind is int:
+            data = b"%d" % cast(int, arg)
+        elif kind is str:
+            data = cast(str, arg).encode(charset, errors)
+        elif other is not None:
+            data = other(arg)
+        else:
+            raise TypeError(f"cannot send {kind.__name__} to Redis")
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def encode_command(*args: object) -> bytes:
+    """The RESP array of ``args`` (see :func:`bulk_strings`; str in UTF-8)."""
+    return b"*%d\r\n" % len(args) + bulk_strings(args)
+
+
 class RedisCommand:
     """A command sent with :meth:`RedisLink.send` and watched by :meth:`RedisLink.watch`.
 
@@ -161,11 +193,11 @@ class RedisConnection(txredisapi.BaseRedisProtocol):
         self._receivers = deque()
         super().makeConnection(_WritesSoon(transport))
 
-    def send(self, command: RedisCommand, args: tuple[object, ...]) -> None:
-        """Write one command whose reply goes to ``command``; raises when the connection is gone."""
+    def send(self, command: RedisCommand, data: bytes) -> None:
+        """Write one encoded command whose reply goes to ``command``; raises when the connection is gone."""
         if not self.connected:
             raise ConnectionError("Not connected")
-        self.transport.write(self._build_command(*args))
+        self.transport.write(data)
         self._receivers.append(command)
         self._sent()
 
@@ -213,22 +245,8 @@ class RedisConnection(txredisapi.BaseRedisProtocol):
             self.replyReceived(reply)
 
     def _build_command(self, *args: object, **kwargs: object) -> bytes:
-        """The RESP array of ``args``: bytes as they are, str in the connection's
-        charset, int in decimal; anything else as txredisapi encodes it."""
-        parts = [b"*%d\r\n" % len(args)]
-        for arg in args:
-            kind = type(arg)
-            data: bytes
-            if kind is bytes:
-                data = cast(bytes, arg)
-            elif kind is int:  # not bool: txredisapi sends True as "True"
-                data = b"%d" % cast(int, arg)
-            elif kind is str:
-                data = cast(str, arg).encode(self.charset or "utf-8", self.errors)
-            else:
-                data = self._encode_value(arg)
-            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        return b"".join(parts)
+        """txredisapi's commands, encoded in one pass: the bytes txredisapi would send."""
+        return b"*%d\r\n" % len(args) + bulk_strings(args, self.charset or "utf-8", self.errors, self._encode_value)
 
     def connectionLost(self, why: Failure) -> None:
         receivers, self._receivers = self._receivers, deque()
@@ -347,10 +365,11 @@ class RedisLink:
 
     # Commands.
 
-    def send(self, connection: RedisConnection, command: RedisCommand, *args: object) -> None:
-        """Send ``args`` on ``connection``; the reply goes to ``command``.  Raises when the
-        connection just went away."""
-        connection.send(command, args)
+    def send(self, connection: RedisConnection, command: RedisCommand, data: bytes) -> None:
+        """Send ``data``, one command encoded by :func:`encode_command` (or made of
+        parts encoded ahead), on ``connection``; the reply goes to ``command``.
+        Raises when the connection just went away."""
+        connection.send(command, data)
 
     def watch(self, command: RedisCommand, timeout: float) -> None:
         """Time ``command`` out (``timed_out()``) unless it is done within ``timeout`` seconds.

@@ -88,6 +88,15 @@ class ReplyReader:
             items: list[object] = []
             position = after
             for _ in range(count):
+                if buffer[position : position + 1] == b":":
+                    # An integer inline (a rate-limit script answers four):
+                    # no call per element.
+                    eol = buffer.find(_CRLF, position)
+                    if eol < 0:
+                        raise _INCOMPLETE
+                    items.append(_integer(buffer, position + 1, eol))
+                    position = eol + 2
+                    continue
                 item, position = self._reply(buffer, position)
                 items.append(item)
             return items, position

@@ -39,7 +39,7 @@ from txredisapi import ResponseError
 
 from txgateway.cache.entry import Entry, Headers, PrimaryKey
 from txgateway.cache.policy import vary_values
-from txgateway.redis import RedisCommand, RedisLink
+from txgateway.redis import RedisCommand, RedisLink, encode_command
 
 #: Every key the cache writes starts with this.
 KEY_PREFIX = b"txgateway:cache:"
@@ -232,7 +232,7 @@ class RedisStore:
             return _unavailable("Redis is not connected")
         command = _Command(link)
         try:
-            link.send(connection, command, *args)
+            link.send(connection, command, encode_command(*args))
         except Exception as error:  # noqa: BLE001 - the connection just went away
             link.failed(f"{type(error).__name__}: {error}")
             return _unavailable(str(error))

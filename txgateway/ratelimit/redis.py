@@ -38,7 +38,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txgateway.ratelimit.decision import Algorithm, Decision, StorageError
-from txgateway.redis import RedisAddress, RedisCommand, RedisConnection, RedisLink
+from txgateway.redis import RedisAddress, RedisCommand, RedisConnection, RedisLink, bulk_strings, encode_command
 
 __all__ = ["KEY_PREFIX", "SCRIPTS", "RedisAddress", "RedisStore", "Script"]
 
@@ -144,6 +144,8 @@ class Script:
 
 
 SCRIPTS = {"token_bucket": Script(TOKEN_BUCKET_LUA), "sliding_window": Script(SLIDING_WINDOW_LUA)}
+#: At most this many encoded EVALSHA prefixes (one per distinct policy; reloads can change them).
+_EVALSHA_PARTS_MAX = 1024
 
 
 class _Call(RedisCommand):
@@ -165,12 +167,13 @@ class _Call(RedisCommand):
         return self.result.called
 
     def send(self, connection: RedisConnection) -> None:
-        script = self.script
+        store = self.store
+        if self.evaluated:
+            data = encode_command("EVAL", self.script.source, 1, self.key, *self.arguments)
+        else:
+            data = store._evalsha(self.script, self.arguments, self.key)
         try:
-            if self.evaluated:
-                self.store._link.send(connection, self, "EVAL", script.source, 1, self.key, *self.arguments)
-            else:
-                self.store._link.send(connection, self, "EVALSHA", script.sha, 1, self.key, *self.arguments)
+            store._link.send(connection, self, data)
         except Exception as error:  # noqa: BLE001 - the connection just went away
             self.failed(f"{type(error).__name__}: {error}")
 
@@ -215,6 +218,8 @@ class RedisStore:
         """
         #: Decisions waiting for the very first connection.
         self._waiting: list[_Call] = []
+        #: EVALSHA of each (script, arguments), encoded up to the key and after it.
+        self._evalsha_parts: dict[tuple[Script, tuple[int, ...]], tuple[bytes, bytes]] = {}
         self._link = RedisLink(
             url,
             reactor,
@@ -247,6 +252,17 @@ class RedisStore:
         else:
             call.send(connection)
         return call.result
+
+    def _evalsha(self, script: Script, arguments: tuple[int, ...], key: str) -> bytes:
+        """``EVALSHA sha 1 key *arguments``, encoded: only the key is new per decision."""
+        parts = self._evalsha_parts.get((script, arguments))
+        if parts is None:
+            if len(self._evalsha_parts) >= _EVALSHA_PARTS_MAX:
+                self._evalsha_parts.clear()  # limits changed by many reloads
+            head = b"*%d\r\n" % (4 + len(arguments)) + bulk_strings(("EVALSHA", script.sha, 1))
+            parts = self._evalsha_parts[(script, arguments)] = (head, bulk_strings(arguments))
+        encoded = key.encode("utf-8")
+        return b"%s$%d\r\n%s\r\n%s" % (parts[0], len(encoded), encoded, parts[1])
 
     def _ready(self, connection: RedisConnection) -> None:
         waiting, self._waiting = self._waiting, []
