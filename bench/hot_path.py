@@ -63,39 +63,26 @@ routes:
   - {name: all, match: {path: /*}, upstream: up}
 """
 
+#: Row 2's pipeline; %(rate_limit)s is the middleware's limiter, %(route_limit)s the route's.
 PIPELINE = """
 observability: {access_log: {enabled: true, format: json, path: "%(log)s"}}
 middleware:
   auth: {jwt_secret: "%(secret)s"}
-  rate_limit: {requests_per_minute: 100000000, burst_size: 100000000}
+  rate_limit: %(rate_limit)s
 upstreams:
   up:
     servers: [{address: "127.0.0.1:8001"}]
     pool: {max_connections_per_host: 4}
     circuit_breaker: {failure_threshold: 5, recovery_timeout: 30}
 routes:
-  - {name: all, match: {path: /*}, upstream: up, auth: required, rate_limit: {requests_per_minute: 100000000, burst_size: 100000000}}
+  - {name: all, match: {path: /*}, upstream: up, auth: required%(route_limit)s}
 """
-
-REDIS_PIPELINE = """
-observability: {access_log: {enabled: true, format: json, path: "%(log)s"}}
-middleware:
-  auth: {jwt_secret: "%(secret)s"}
-  rate_limit:
-    requests_per_minute: 100000000
-    burst_size: 100000000
-    key: consumer
-    storage: redis
-    redis: {url: "redis://127.0.0.1:6390", timeout: 1.0}
-    on_storage_error: deny
-upstreams:
-  up:
-    servers: [{address: "127.0.0.1:8001"}]
-    pool: {max_connections_per_host: 4}
-    circuit_breaker: {failure_threshold: 5, recovery_timeout: 30}
-routes:
-  - {name: all, match: {path: /*}, upstream: up, auth: required}
-"""
+#: The limiter in memory (--pipeline: set on the route too) and in "Redis" (--redis).
+MEMORY_LIMIT = "{requests_per_minute: 100000000, burst_size: 100000000}"
+REDIS_LIMIT = (
+    "{requests_per_minute: 100000000, burst_size: 100000000, key: consumer, storage: redis, "
+    'redis: {url: "redis://127.0.0.1:6390", timeout: 1.0}, on_storage_error: deny}'
+)
 #: The token bucket script's answer: allowed, remaining, reset, retry-after.
 SCRIPT_REPLY = b"*4\r\n:1\r\n:99999999\r\n:1\r\n:0\r\n"
 
@@ -196,8 +183,12 @@ def main() -> None:
     headers = b""
     with tempfile.TemporaryDirectory() as directory:
         if args.pipeline or args.redis:
-            template = REDIS_PIPELINE if args.redis else PIPELINE
-            text = template % {"log": os.path.join(directory, "access.log"), "secret": SECRET}
+            text = PIPELINE % {
+                "log": os.path.join(directory, "access.log"),
+                "secret": SECRET,
+                "rate_limit": REDIS_LIMIT if args.redis else MEMORY_LIMIT,
+                "route_limit": "" if args.redis else f", rate_limit: {MEMORY_LIMIT}",
+            }
             headers = b"Authorization: Bearer " + token().encode() + b"\r\n"
         else:
             text = PLAIN

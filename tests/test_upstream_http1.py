@@ -582,16 +582,21 @@ class TimeoutTests(SynchronousTestCase):
         self.assertEqual(len(self.up.reactor.getDelayedCalls()), 1, "only the idle timer")
         self.assertEqual(self.up.reactor.getDelayedCalls()[0].getTime(), 120.0)
 
+    def second_request(self, first_timeout: float, answered_after: float, timeout: float) -> tuple[Any, Any]:
+        """A request answered after ``answered_after`` s, then a second one on the same connection."""
+        d = self.up.client.request(request(response_timeout=first_timeout))
+        wire = self.up.accept()
+        self.up.reactor.advance(answered_after)
+        wire.protocol.dataReceived(OK_HELLO)
+        read(self.successResultOf(d))
+        second = self.up.client.request(request(response_timeout=timeout))
+        self.assertEqual(self.up.connects, 1)
+        return second, wire
+
     def test_a_reused_connection_times_out_each_request_at_its_own_deadline(self) -> None:
         # The connection's one timer is left at the first request's deadline
         # (t=5); the second request's (t=8) is later: the timer waits on.
-        d = self.up.client.request(request(response_timeout=5.0))
-        wire = self.up.accept()
-        self.up.reactor.advance(3)
-        wire.protocol.dataReceived(OK_HELLO)
-        read(self.successResultOf(d))
-        d = self.up.client.request(request(response_timeout=5.0))
-        self.assertEqual(self.up.connects, 1)
+        d, wire = self.second_request(5.0, 3, 5.0)
         self.up.reactor.advance(4.9)
         self.assertNoResult(d)
         self.up.reactor.advance(0.1)
@@ -599,12 +604,7 @@ class TimeoutTests(SynchronousTestCase):
         self.assertTrue(wire.disconnected)
 
     def test_a_shorter_deadline_brings_the_connection_timer_forward(self) -> None:
-        d = self.up.client.request(request(response_timeout=30.0))
-        wire = self.up.accept()
-        self.up.reactor.advance(1)
-        wire.protocol.dataReceived(OK_HELLO)
-        read(self.successResultOf(d))
-        d = self.up.client.request(request(response_timeout=1.0))
+        d, _ = self.second_request(30.0, 1, 1.0)
         self.up.reactor.advance(0.9)
         self.assertNoResult(d)
         self.up.reactor.advance(0.1)
