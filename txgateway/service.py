@@ -25,6 +25,7 @@ from txgateway.admin.resource import admin_site
 from txgateway.config.model import GatewayConfig, UpstreamConfig
 from txgateway.control import ReloadResult
 from txgateway.gateway import Gateway
+from txgateway.heap import Heap
 from txgateway.interfaces import IUpstreamClient
 from txgateway.protocols.detect import GatewayServerFactory, tls_context, tls_endpoint
 from txgateway.reload import Reloader
@@ -55,6 +56,7 @@ class GatewayService(MultiService):
         *,
         watch: bool = False,
         inherited: Mapping[str, int] | None = None,
+        heap: Heap | None = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -70,6 +72,9 @@ class GatewayService(MultiService):
             lambda: Gateway(config, self._client_for, self.runtime)
         )
         self._watch = watch
+        #: Freezes the long-lived heap after start-up and reloads (twistd
+        #: passes one; in-process tests leave the test runner's heap alone).
+        self.heap = heap
         #: A worker's listening sockets, inherited from its supervisor: file
         #: descriptor by endpoint description (txgateway.workers).
         self._inherited = inherited
@@ -158,6 +163,8 @@ class GatewayService(MultiService):
             gateway.start(previous)
         grace = config.server.shutdown_grace
         self.runtime.retire(old_keys, keys, grace)
+        if self.heap is not None:
+            self.heap.reloaded(grace)
         upstreams = gateway.upstreams
         self.runtime.metrics.prune(
             {name: {instance.address for instance in upstream.instances} for name, upstream in upstreams.items()},
@@ -250,6 +257,8 @@ class GatewayService(MultiService):
         super().startService()
         self._listening = True
         self.gateway.start()
+        if self.heap is not None:
+            self.heap.settle("start")
         if self._watch:
             if self.reloader is not None:
                 self.reloader.start()
@@ -291,6 +300,8 @@ class GatewayService(MultiService):
 
     def _release(self) -> Deferred[Any]:
         stops: list[Deferred[Any]] = [super().stopService()]
+        if self.heap is not None:
+            self.heap.stop()
         if self.admin_port is not None:
             stops.append(_stop_port(self.admin_port))
             self.admin_port = None

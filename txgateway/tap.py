@@ -59,12 +59,13 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from txgateway.heap import Heap
     from txgateway.service import GatewayService
 
     config = options["gateway_config"]
     if options["worker"]:
         # The supervisor runs the demo upstream, if any.
-        return GatewayService(config, reactor, watch=True, inherited=options["inherited"])
+        return GatewayService(config, reactor, watch=True, inherited=options["inherited"], heap=Heap(reactor))
     if config.server.workers > 1:
         from txgateway.workers import WorkerSupervisor
 
@@ -75,7 +76,7 @@ def makeService(options: Options) -> IService:
             # A child: it stops only after every worker has drained.
             demo_service(reactor, "127.0.0.1", options["demo-port"]).setServiceParent(supervisor)
         return supervisor
-    gateway = GatewayService(config, reactor, watch=True)
+    gateway = GatewayService(config, reactor, watch=True, heap=Heap(reactor))
     if not options["demo"]:
         return gateway
     from txgateway.demo import demo_service

@@ -451,6 +451,12 @@ class ReloadUnderLoadTests(ReloadTestCase):
         self.assertEqual(await metric(gateway, "txgateway_config_generation"), 2.0)
         self.assertEqual(await metric(gateway, 'txgateway_config_reloads_total{result="success"}'), 1.0)
 
+        # The long-lived heap was frozen at start-up, and once generation 1's
+        # grace period (2 s) has passed it is collected and frozen again.
+        self.assertRegex(log, r"heap settled after start: \d+ objects frozen")
+        await self.until(lambda: "heap settled after reload" in gateway.log(), "no full collection after the reload")
+        self.assertEqual((await get(gateway.port, "/fresh/thing")).status, 200)
+
     async def until(self, predicate: Callable[[], bool], message: str, within: float = 20.0) -> None:
         deadline = reactor.seconds() + within
         while not predicate():
