@@ -97,6 +97,10 @@ class ServerProcess:
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
+    def close(self) -> None:
+        """What :func:`run_guarded` calls on what a benchmark owns."""
+        self.stop()
+
     def stop(self, grace: float = 10.0) -> None:
         proc = self.proc
         if proc is None:
