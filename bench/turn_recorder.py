@@ -3,7 +3,8 @@
     python bench/turn_recorder.py REPORT.json twistd-arguments...
 
 A turn is what the epoll reactor does between two ``epoll_wait`` calls: the
-ready sockets' reads and writes, then the due timers.  Each turn's wall time
+ready sockets' reads and writes, then the due timers (the reactor's epoll
+object is wrapped, so both are inside the turn).  Each turn's wall time
 is taken with ``time.perf_counter`` and its CPU time with
 ``time.thread_time``: a turn whose wall time is far above its CPU time
 spent that time not running, descheduled by the host (another vCPU's work,
@@ -11,7 +12,7 @@ steal), not computing.  Every collection's generation and length come
 from ``gc.callbacks``.
 
 SIGUSR2 writes the figures gathered since the last SIGUSR2 (or the start)
-to REPORT.json and starts over.  The wrapper costs two clock reads and an
+to REPORT.json and starts over.  The wrapper costs four clock reads and an
 append per turn, so it is a tool for finding stalls, not for measuring
 throughput.
 """
@@ -45,17 +46,15 @@ class Recorder:
         else:
             self.collections.append((info["generation"], (time.perf_counter() - self._collecting) * 1000))
 
-    def wrap(self, poll: Any) -> Any:
-        def timed_poll(reactor: Any, timeout: float | None) -> None:
-            # Everything between the last poll's return and this call was the turn.
+    def waiting(self) -> None:
+        """The reactor is about to wait: the turn since the last wait ended is over."""
+        ended = self._turn_ended
+        if ended is not None:
             wall, cpu = time.perf_counter(), time.thread_time()
-            ended = self._turn_ended
-            if ended is not None:
-                self.turns.append(((wall - ended[0]) * 1000, (cpu - ended[1]) * 1000))
-            poll(reactor, timeout)
-            self._turn_ended = (time.perf_counter(), time.thread_time())
+            self.turns.append(((wall - ended[0]) * 1000, (cpu - ended[1]) * 1000))
 
-        return timed_poll
+    def woken(self) -> None:
+        self._turn_ended = (time.perf_counter(), time.thread_time())
 
     def dump(self, signum: int, frame: Any) -> None:
         turns, self.turns = self.turns, []
@@ -83,6 +82,29 @@ class Recorder:
             json.dump(report, f)
 
 
+class TimedPoller:
+    """The reactor's epoll object, with the time between two waits recorded.
+
+    The reactor dispatches the ready events inside ``doPoll`` and runs its
+    timers after it, so the poller's ``poll`` is the one place where a turn
+    visibly begins and ends.
+    """
+
+    def __init__(self, poller: Any, recorder: Recorder) -> None:
+        self._poller = poller
+        self._recorder = recorder
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> Any:
+        self._recorder.waiting()
+        try:
+            return self._poller.poll(timeout, maxevents)
+        finally:
+            self._recorder.woken()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._poller, name)
+
+
 def main() -> None:
     report, sys.argv = sys.argv[1], ["twistd", *sys.argv[2:]]
     recorder = Recorder(report)
@@ -91,8 +113,9 @@ def main() -> None:
     from twisted.internet import epollreactor
 
     epollreactor.install()
-    reactor_class = epollreactor.EPollReactor
-    reactor_class.doPoll = reactor_class.doIteration = recorder.wrap(reactor_class.doPoll)  # type: ignore[method-assign]
+    from twisted.internet import reactor
+
+    reactor._poller = TimedPoller(reactor._poller, recorder)  # type: ignore[attr-defined]
     from twisted.scripts.twistd import run
 
     run()
