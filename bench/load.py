@@ -224,13 +224,21 @@ class PacedResult:
 
 
 def paced(
-    wrk: Wrk, target: str, url: str, rate: float, connections: int, seconds: int, warmup: int, workdir: Path
+    wrk: Wrk,
+    target: str,
+    url: str,
+    rate: float,
+    connections: int,
+    seconds: int,
+    warmup: int,
+    workdir: Path,
+    headers: tuple[str, ...] = (),
 ) -> PacedResult:
     """Load *url* at *rate* requests/s over *connections* (after a warm-up at that rate)."""
     result = PacedResult(target, rate)
     script = workdir / f"paced-{target}.lua"
     script.write_text(paced_script(rate))
-    run = WrkRun(url, seconds, connections, script=script)
+    run = WrkRun(url, seconds, connections, script=script, headers=headers)
     if warmup:
         wrk.run(replace(run, seconds=warmup))
     measured = wrk.run(run)

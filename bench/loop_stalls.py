@@ -1,6 +1,6 @@
 """Where the p99 of issue 9's added-latency line comes from: the gateway's own work, or the host.
 
-    .venv/bin/python bench/loop_stalls.py [--runs 3] [--duration 10] [--rate R]
+    .venv/bin/python bench/loop_stalls.py [--runs 3] [--duration 10] [--rate R] [--close] [--heap-off]
 
 Starts bench/suite.py's nginx upstream and row 1's plain gateway, pinned
 like ``suite.py --pin``, the gateway under bench/turn_recorder.py (every
@@ -17,7 +17,13 @@ event loop did meanwhile:
 * the longest turns (wall / CPU);
 * garbage collections by generation (count, longest).
 
-The recorder adds two clock reads per turn; the rate found here is a little
+``--close`` sends every request with ``Connection: close`` (a new client
+connection per request, as from clients that do not keep connections
+alive), which leaves cyclic garbage behind and brings full collections
+about once a second; ``--heap-off`` runs the gateway without
+txgateway.heap's freezing, to compare.
+
+The recorder adds four clock reads per turn; the rate found here is a little
 below the suite's.
 """
 
@@ -90,23 +96,26 @@ def run(workdir: Path, owned: list[Any], args: argparse.Namespace) -> int:
     )
     owned.append(upstream)
     report_path = workdir / "turns.json"
-    recorder = [sys.executable, str(_BENCH_DIR / "turn_recorder.py"), str(report_path)]
+    recorder = [sys.executable, str(_BENCH_DIR / "turn_recorder.py")]
+    recorder += ["--heap-off"] if args.heap_off else []
+    recorder += [str(report_path)]
+    headers = ("Connection: close",) if args.close else ()
     gateway = servers.start_gateway(
         workdir, "txgateway-plain", servers.gateway_config(0, 0, upstream_port), pins.proxy, twistd=recorder
     )
     owned.append(gateway.server)
     url = gateway.url(REQUEST_PATH)
     wrk = load.Wrk(pins.wrk)
-    wrk.run(WrkRun(url, 3, 32))
+    wrk.run(WrkRun(url, 3, 32, headers=headers))
     rate = args.rate
     if rate is None:
-        found = wrk.run(WrkRun(url, args.duration, 32))
+        found = wrk.run(WrkRun(url, args.duration, 32, headers=headers))
         rate = found.requests_per_sec / 2
         print(f"gateway maximum {found.requests_per_sec:,.0f} req/s; paced at half: {rate:,.0f} req/s", flush=True)
     for number in range(1, args.runs + 1):
-        direct = load.paced(wrk, "upstream", upstream_url, rate, 32, args.duration, 1, workdir)
+        direct = load.paced(wrk, "upstream", upstream_url, rate, 32, args.duration, 1, workdir, headers)
         read_report(gateway.pid, report_path)  # start counting with the gateway's run
-        through = load.paced(wrk, "txgateway", url, rate, 32, args.duration, 0, workdir)
+        through = load.paced(wrk, "txgateway", url, rate, 32, args.duration, 0, workdir, headers)
         report = read_report(gateway.pid, report_path)
         print(f"\nrun {number}:")
         for result in (direct, through):
@@ -124,6 +133,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="paced runs (default 3)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per run (default 10)")
     parser.add_argument("--rate", type=float, help="requests/s (default: half the gateway's maximum)")
+    parser.add_argument("--close", action="store_true", help="every request with Connection: close")
+    parser.add_argument("--heap-off", action="store_true", help="the gateway without txgateway.heap's freezing")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     return proxy.run_guarded("txgateway-stalls-", args.keep_tmp, lambda workdir, owned: run(workdir, owned, args))

@@ -1,6 +1,6 @@
 """Run twistd with every reactor turn and garbage collection timed (for bench/loop_stalls.py).
 
-    python bench/turn_recorder.py REPORT.json twistd-arguments...
+    python bench/turn_recorder.py [--heap-off] REPORT.json twistd-arguments...
 
 A turn is what the epoll reactor does between two ``epoll_wait`` calls: the
 ready sockets' reads and writes, then the due timers (the reactor's epoll
@@ -14,7 +14,8 @@ from ``gc.callbacks``.
 SIGUSR2 writes the figures gathered since the last SIGUSR2 (or the start)
 to REPORT.json and starts over.  The wrapper costs four clock reads and an
 append per turn, so it is a tool for finding stalls, not for measuring
-throughput.
+throughput.  ``--heap-off`` leaves the heap unfrozen (txgateway.heap does
+nothing), for a before/after comparison.
 """
 
 from __future__ import annotations
@@ -106,7 +107,15 @@ class TimedPoller:
 
 
 def main() -> None:
-    report, sys.argv = sys.argv[1], ["twistd", *sys.argv[2:]]
+    args = sys.argv[1:]
+    if args[:1] == ["--heap-off"]:
+        # The comparison bench/loop_stalls.py --heap-off asks for: the
+        # configuration left in the collector's generations, as before txgateway.heap.
+        from txgateway.heap import Heap
+
+        Heap.settle = Heap._resettle = lambda self, *reason: None  # type: ignore[method-assign]
+        args = args[1:]
+    report, sys.argv = args[0], ["twistd", *args[1:]]
     recorder = Recorder(report)
     gc.callbacks.append(recorder.on_gc)
     signal.signal(signal.SIGUSR2, recorder.dump)
