@@ -7,6 +7,8 @@ The doubles at the top are shared with the real-socket tests.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -922,6 +924,29 @@ class CancellationTests(SynchronousTestCase):
         d.cancel()
         up.reactor.advance(2.0)
         self.failureResultOf(d, CancelledError)
+
+
+class FreedByReferenceCountingTests(SynchronousTestCase):
+    def test_a_closed_upstream_connection_is_freed_without_a_garbage_collection(self) -> None:
+        """An upstream that closes after each response (``Connection: close``)
+        must not leave a reference cycle per connection for the collector."""
+        up = FakeUpstream()
+        d = up.client.request(request())
+        wire = up.accept()
+        protocol = wire.protocol
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello")
+        self.assertEqual(read(self.successResultOf(d)).data, b"hello")
+        self.assertFalse(wire.connected)
+        del wire.protocol  # as Twisted's TCP transport lets go of its protocol once closed
+        gone = weakref.ref(protocol)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            del protocol, wire, d
+            self.assertIsNone(gone(), gc.get_referrers(gone()) if gone() is not None else None)
+        finally:
+            if collecting:
+                gc.enable()
 
 
 class CloseTests(SynchronousTestCase):

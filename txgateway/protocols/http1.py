@@ -71,6 +71,9 @@ _BODY_BUFFER_HIGH = 64 * 1024
 #: The status an exchange is counted and logged with when the client went away
 #: before its response ended (nginx's "client closed request").
 CLIENT_CLOSED_REQUEST = 499
+#: What a closed connection's parser is replaced with: one without callbacks
+#: (so without a reference back to the protocol), never fed.
+_DETACHED_PARSER = httptools.HttpRequestParser(object())
 
 
 @implementer(IRequestBody)
@@ -310,6 +313,10 @@ class HTTP11ServerProtocol(Protocol):
             elif exchange.deferred is not None and not exchange.responded:
                 exchange.responded = True
                 exchange.deferred.cancel()
+        # The parser holds this protocol's bound callbacks: a reference cycle
+        # that only a garbage collection would free, 15 objects per closed
+        # connection.  Without it the connection is freed at once.
+        self._parser = _DETACHED_PARSER
 
     # Reading.
 

@@ -54,6 +54,9 @@ _CHUNKED = (b"transfer-encoding", b"chunked")
 _WATCHED = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0), "0.9": (0, 9)}
 _CONNECTION_DONE = Failure(ConnectionDone())
+#: What a closed connection's parser is replaced with: one without callbacks
+#: (so without a reference back to the protocol), never fed.
+_DETACHED_PARSER = HttpResponseParser(object())
 
 
 class ConnectionListener(_TypingProtocol):
@@ -432,6 +435,9 @@ class HTTP11Connection(Protocol):
         elif state == _DONE:
             self._deliverCompleted()
         self._listener.connectionClosed(self)
+        # Break the parser <-> protocol reference cycle (its callbacks are our
+        # bound methods), so a closed connection is freed without a collection.
+        self._parser = _DETACHED_PARSER
 
     # httptools callbacks.
 

@@ -410,6 +410,9 @@ class HTTP11Client:
         timer, record.timer = record.timer, None
         if timer is not None and timer.active():
             timer.cancel()
+        # The record, its connection and its connector refer to each other:
+        # let reference counting free them, not the garbage collector.
+        record.connection = record.connector = None
         self._uncount(record)
         waiters, record.closedWaiters = record.closedWaiters, None
         if waiters:
