@@ -18,6 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from tests.collector import collector_off
 from txgateway.body import BytesBody
 from txgateway.config.model import GatewayConfig, Limits, ServerConfig
 from txgateway.errors import GatewayError, NotFound, PayloadTooLarge
@@ -522,14 +523,9 @@ class FreedByReferenceCountingTests(SynchronousTestCase):
         self.assertEqual(status, 200)
         conn.protocol.connectionLost()
         gone = weakref.ref(conn.protocol)
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_off():
             del conn
             self.assertIsNone(gone(), gc.get_referrers(gone()) if gone() is not None else None)
-        finally:
-            if collecting:
-                gc.enable()
 
 
 class ConnectionLimitTests(SynchronousTestCase):

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from tests.collector import collector_off
 from txgateway.body import BytesBody
 from txgateway.config.model import PoolConfig
 from txgateway.errors import (
@@ -939,14 +940,9 @@ class FreedByReferenceCountingTests(SynchronousTestCase):
         self.assertFalse(wire.connected)
         del wire.protocol  # as Twisted's TCP transport lets go of its protocol once closed
         gone = weakref.ref(protocol)
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_off():
             del protocol, wire, d
             self.assertIsNone(gone(), gc.get_referrers(gone()) if gone() is not None else None)
-        finally:
-            if collecting:
-                gc.enable()
 
 
 class CloseTests(SynchronousTestCase):
