@@ -255,9 +255,11 @@ def exported_series() -> dict[str, frozenset[str]]:
             labels[value._name] = tuple(value._labelnames)
     series: dict[str, frozenset[str]] = {}
     for family in metrics.registry.collect():
+        # The process and GC collectors are not wrappers: their samples say.
+        names = labels.get(family.name) or tuple({name for sample in family.samples for name in sample.labels})
         for suffix in _SUFFIXES[family.type]:
             extra = ("le",) if suffix == "_bucket" else ()
-            series[family.name + suffix] = frozenset(labels[family.name] + extra)
+            series[family.name + suffix] = frozenset(names + extra)
     return series
 
 

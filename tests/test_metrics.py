@@ -10,6 +10,7 @@ what the traffic implies.
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import os
 import random
@@ -208,6 +209,27 @@ class RequestMetricsTests(MetricsTestCase):
         self.assertEqual(
             self.value("txgateway_requests_total", route="users", method="GET", code="200", protocol="http/1.1"), 1
         )
+
+
+class ProcessMetricsTests(SynchronousTestCase):
+    def test_the_process_and_its_garbage_collector_are_exported(self) -> None:
+        """What every Prometheus client exports: an operator looking at a
+        latency spike checks memory, CPU, descriptors and full collections."""
+        metrics = GatewayMetrics()
+        registry = metrics.registry
+        rss = registry.get_sample_value("process_resident_memory_bytes")
+        assert rss is not None
+        self.assertGreater(rss, 1024 * 1024)
+        self.assertGreater(registry.get_sample_value("process_open_fds") or 0, 0)
+        full = registry.get_sample_value("python_gc_collections_total", {"generation": "2"})
+        assert full is not None
+        gc.collect()
+        self.assertGreaterEqual(
+            registry.get_sample_value("python_gc_collections_total", {"generation": "2"}) or 0, full + 1
+        )
+        text = exposition(metrics)
+        for name in (b"process_cpu_seconds_total", b"process_max_fds", b"python_gc_objects_collected_total"):
+            self.assertIn(name, text)
 
 
 class HTTP11AccountingTests(SynchronousTestCase):

@@ -21,7 +21,15 @@ from bisect import bisect_left
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -47,7 +55,17 @@ class GatewayMetrics:
     """Every metric the gateway exports, registered in ``registry``."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        if registry is None:
+            registry = CollectorRegistry(auto_describe=True)
+            if not multiprocess():
+                # The process's own figures, as every Prometheus client exports
+                # them: process_resident_memory_bytes, process_cpu_seconds_total,
+                # process_open_fds..., and python_gc_collections_total by
+                # generation.  Read at scrape time only.  With workers they
+                # would describe whichever worker answers the scrape, so not then.
+                ProcessCollector(registry=registry)
+                GCCollector(registry=registry)
+        self.registry = registry
         r = self.registry
         #: Batched children with updates not yet in their metric (see ``flush``).
         self._dirty: list[_Batched] = []
