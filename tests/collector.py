@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 @contextmanager
@@ -17,3 +18,9 @@ def collector_off() -> Iterator[None]:
     finally:
         if collecting:
             gc.enable()
+
+
+def referrers(ref: Callable[[], Any]) -> list[Any] | None:
+    """What still holds the object behind weak reference ``ref`` (None once it is gone): a failure message."""
+    target = ref()
+    return None if target is None else gc.get_referrers(target)

@@ -7,7 +7,6 @@ what happens when either side goes away.
 
 from __future__ import annotations
 
-import gc
 import json
 import weakref
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tests.collector import collector_off
+from tests.collector import collector_off, referrers
 from txgateway.body import BytesBody
 from txgateway.config.model import GatewayConfig, Limits, ServerConfig
 from txgateway.errors import GatewayError, NotFound, PayloadTooLarge
@@ -525,7 +524,7 @@ class FreedByReferenceCountingTests(SynchronousTestCase):
         gone = weakref.ref(conn.protocol)
         with collector_off():
             del conn
-            self.assertIsNone(gone(), gc.get_referrers(gone()) if gone() is not None else None)
+            self.assertIsNone(gone(), referrers(gone))
 
 
 class ConnectionLimitTests(SynchronousTestCase):

@@ -7,7 +7,6 @@ The doubles at the top are shared with the real-socket tests.
 
 from __future__ import annotations
 
-import gc
 import weakref
 from typing import Any
 
@@ -24,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tests.collector import collector_off
+from tests.collector import collector_off, referrers
 from txgateway.body import BytesBody
 from txgateway.config.model import PoolConfig
 from txgateway.errors import (
@@ -942,7 +941,7 @@ class FreedByReferenceCountingTests(SynchronousTestCase):
         gone = weakref.ref(protocol)
         with collector_off():
             del protocol, wire, d
-            self.assertIsNone(gone(), gc.get_referrers(gone()) if gone() is not None else None)
+            self.assertIsNone(gone(), referrers(gone))
 
 
 class CloseTests(SynchronousTestCase):

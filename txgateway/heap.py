@@ -77,8 +77,7 @@ class Heap:
 
     def reloaded(self, grace: float) -> None:
         """A new generation is current; settle again once the old one has gone."""
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
+        self.stop()  # an earlier reload's pass, not yet run: this one's covers both
         self._pending = self.clock.callLater(grace + SETTLE_MARGIN, self._resettle)
 
     def _resettle(self) -> None:
@@ -87,6 +86,7 @@ class Heap:
         self.settle("reload")
 
     def stop(self) -> None:
+        """Cancel a pending reload pass."""
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._pending = None

@@ -140,16 +140,22 @@ class RedisCommand:
     :meth:`answered` with the reply (a value, or a ``txredisapi.ResponseError``
     for an error reply), :meth:`failed` when the connection went away before
     the reply, :meth:`timed_out` when the deadline passed first.  Subclasses
-    make ``done`` true when they resolve.  This is the stores' hot path: no
-    Deferred, queue or timer of its own per command (txredisapi's
-    ``execute_command`` costs three Deferreds and, with the caller's timer,
-    a ``callLater`` per command).
+    fire ``result`` when they resolve, which makes ``done`` true.  This is
+    the stores' hot path: the result is the one Deferred per command, with
+    no queue or timer of its own (txredisapi's ``execute_command`` costs
+    three Deferreds and, with the caller's timer, a ``callLater`` per
+    command).
     """
 
-    __slots__ = ("deadline",)
+    __slots__ = ("deadline", "result")
 
-    done: bool
     deadline: float
+    #: What the store hands its caller: fired by one of the outcomes below.
+    result: Deferred[Any]
+
+    @property
+    def done(self) -> bool:
+        return self.result.called
 
     def answered(self, reply: object) -> None:
         raise NotImplementedError

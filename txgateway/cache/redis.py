@@ -115,15 +115,11 @@ class StorageUnavailable(Exception):
 class _Command(RedisCommand):
     """One cache command in flight; its reply, or StorageUnavailable, goes to ``result``."""
 
-    __slots__ = ("link", "result")
+    __slots__ = ("link",)
 
     def __init__(self, link: RedisLink) -> None:
         self.link = link
         self.result: Deferred[object] = Deferred()
-
-    @property
-    def done(self) -> bool:  # type: ignore[override]
-        return self.result.called
 
     def answered(self, reply: object) -> None:
         if isinstance(reply, ResponseError):

@@ -151,7 +151,7 @@ _EVALSHA_PARTS_MAX = 1024
 class _Call(RedisCommand):
     """One decision in flight: sent (or waiting for the first connection), watched by the link."""
 
-    __slots__ = ("arguments", "evaluated", "key", "result", "script", "store")
+    __slots__ = ("arguments", "evaluated", "key", "script", "store")
 
     def __init__(self, store: RedisStore, script: Script, key: str, arguments: tuple[int, ...]) -> None:
         self.store = store
@@ -161,10 +161,6 @@ class _Call(RedisCommand):
         self.result: Deferred[Decision] = Deferred()
         #: Sent as EVAL (the script's source) after a NOSCRIPT.
         self.evaluated = False
-
-    @property
-    def done(self) -> bool:  # type: ignore[override]
-        return self.result.called
 
     def send(self, connection: RedisConnection) -> None:
         store = self.store
